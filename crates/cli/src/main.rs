@@ -1,0 +1,122 @@
+//! `strata`: one binary for every role of Strata. `strata hub` runs the
+//! central server, `strata edge` the agent on a device, `strata demo` a hub
+//! and a simulated fleet on one machine.
+//!
+//! This crate owns the command line, configuration files, logging and exit
+//! codes; the behaviour lives in the `hub` and `edge` crates.
+
+mod cmd_edge;
+mod cmd_hub;
+mod demo;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Strata: AI on the edge and in the hub, as one system.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the hub (enrolment, device identity, fleet state), or manage it.
+    ///
+    /// With no subcommand, serves the hub API over HTTPS. On first start it
+    /// creates its certificate authority, its database and an operator
+    /// credential, which it prints once.
+    Hub(cmd_hub::HubArgs),
+    /// Join a hub, or run the agent on this device.
+    #[command(subcommand)]
+    Edge(cmd_edge::EdgeCommand),
+    /// Start a hub and a simulated fleet of real agents on this machine and
+    /// show the fleet live.
+    Demo(demo::DemoArgs),
+}
+
+/// An error the user can act on, reported as one line and exit code 1.
+fn report(e: &anyhow::Error) -> ExitCode {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    eprintln!("strata: error: {line}");
+    ExitCode::FAILURE
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("STRATA_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    pki::tls::install_default_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&anyhow::Error::new(e).context("starting the async runtime")),
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Hub(args) => cmd_hub::run(args).await,
+            Command::Edge(cmd) => cmd_edge::run(cmd).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(&e),
+    }
+}
+
+/// Reads a TOML config file, if one was named.
+fn read_config(path: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
+    use anyhow::Context;
+    path.map(|p| {
+        std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))
+    })
+    .transpose()
+}
+
+/// Waits for ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

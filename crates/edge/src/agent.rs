@@ -1,0 +1,109 @@
+//! Running an enrolled agent: load the identity, start the hub link and the
+//! local API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use protocol::DeviceId;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::link::Link;
+use crate::local_api::{LocalState, router};
+use crate::metrics::{AgentMetrics, Status};
+use crate::state::{DataDir, State};
+use crate::{Error, io_err};
+
+/// A running agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    /// This device.
+    pub device_id: DeviceId,
+    /// Where the local API listens.
+    pub local_addr: SocketAddr,
+    /// Live status.
+    pub status: Arc<Status>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    /// Serves until the local API stops (it does not stop on its own).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Starts the agent from its data directory.
+pub async fn run(config: Config) -> Result<RunningAgent, Error> {
+    let dir = DataDir::new(&config.data_dir);
+    if !dir.database().exists() {
+        return Err(Error::NotEnrolled {
+            dir: config.data_dir.clone(),
+        });
+    }
+    let state = State::open(&dir.database())?;
+    let enrolment = state.enrolment()?.ok_or_else(|| Error::NotEnrolled {
+        dir: config.data_dir.clone(),
+    })?;
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(&p).map_err(io_err(&p));
+    let tls =
+        pki::tls::device_client_config(&read(dir.ca())?, &read(dir.cert())?, &read(dir.key())?)?;
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(config.request_timeout)
+        .build()
+        .map_err(|e| Error::Unreachable {
+            url: enrolment.hub_url.clone(),
+            reason: crate::chain(&e),
+        })?;
+
+    let (metrics, registry) = AgentMetrics::new();
+    let status = Arc::new(Status::new(
+        enrolment.clone(),
+        state.last_message_seq()?,
+        metrics.clone(),
+    ));
+
+    let listener = TcpListener::bind(config.local_api_listen)
+        .await
+        .map_err(io_err(dir.root()))?;
+    let local_addr = listener.local_addr().map_err(io_err(dir.root()))?;
+    durable::write_atomic(
+        &dir.local_api_addr(),
+        format!("{local_addr}\n").as_bytes(),
+        durable::PUBLIC,
+    )
+    .map_err(io_err(&dir.local_api_addr()))?;
+    let app = router(
+        LocalState {
+            status: Arc::clone(&status),
+            registry,
+        },
+        metrics.http.clone(),
+    );
+    let serve = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "local API stopped");
+        }
+    });
+
+    let link = Link::new(
+        client,
+        Arc::clone(&status),
+        state,
+        config,
+        Some(format!("http://{local_addr}")),
+    );
+    let heartbeats = tokio::spawn(link.clone().heartbeat_loop());
+    let stream = tokio::spawn(link.stream_loop());
+    tracing::info!(device = %enrolment.device_id, hub = %enrolment.hub_url, %local_addr, "agent running");
+    Ok(RunningAgent {
+        device_id: enrolment.device_id,
+        local_addr,
+        status,
+        tasks: vec![serve, heartbeats, stream],
+    })
+}

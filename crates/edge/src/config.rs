@@ -1,0 +1,150 @@
+//! Agent configuration: a TOML file whose every field is documented here,
+//! with command-line flags layered on top by the binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// The agent's configuration file, as written by people. Unknown fields are
+/// refused so that a typo never silently falls back to a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Directory for the agent's identity (key, certificates) and SQLite
+    /// state. Default: `./strata-edge`.
+    pub data_dir: Option<PathBuf>,
+    /// The local API.
+    #[serde(default)]
+    pub local_api: RawLocalApi,
+    /// The link to the hub.
+    #[serde(default)]
+    pub hub: RawHubLink,
+}
+
+/// `[local_api]`: the HTTP API applications on the device call.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocalApi {
+    /// Address to listen on. Loopback only unless you mean otherwise.
+    /// Default: `127.0.0.1:7070`; port 0 picks a free port.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[hub]`: how the agent keeps its link to the hub.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHubLink {
+    /// Seconds between heartbeats, until the hub asks for another interval.
+    /// Default: 10.
+    pub heartbeat_interval_secs: Option<u64>,
+    /// First reconnect delay after the link drops, in milliseconds; it
+    /// doubles on each failure up to `reconnect_max_ms`, with full jitter.
+    /// Default: 250.
+    pub reconnect_min_ms: Option<u64>,
+    /// Longest reconnect delay, in milliseconds. Default: 5000.
+    pub reconnect_max_ms: Option<u64>,
+    /// Timeout of each request to the hub (not of the event stream), in
+    /// seconds. Default: 10.
+    pub request_timeout_secs: Option<u64>,
+}
+
+/// Validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// See [`RawConfig::data_dir`].
+    pub data_dir: PathBuf,
+    /// See [`RawLocalApi::listen`].
+    pub local_api_listen: SocketAddr,
+    /// See [`RawHubLink::heartbeat_interval_secs`].
+    pub heartbeat_interval: Duration,
+    /// See [`RawHubLink::reconnect_min_ms`].
+    pub reconnect_min: Duration,
+    /// See [`RawHubLink::reconnect_max_ms`].
+    pub reconnect_max: Duration,
+    /// See [`RawHubLink::request_timeout_secs`].
+    pub request_timeout: Duration,
+}
+
+impl RawConfig {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Checks every field and fills in defaults.
+    pub fn validate(self) -> Result<Config, Error> {
+        let heartbeat = self.hub.heartbeat_interval_secs.unwrap_or(10);
+        if !(1..=3600).contains(&heartbeat) {
+            return Err(Error::Config(format!(
+                "hub.heartbeat_interval_secs must be between 1 and 3600, got {heartbeat}"
+            )));
+        }
+        let min = self.hub.reconnect_min_ms.unwrap_or(250);
+        let max = self.hub.reconnect_max_ms.unwrap_or(5000);
+        if min == 0 || max < min || max > 600_000 {
+            return Err(Error::Config(format!(
+                "hub.reconnect_min_ms ({min}) must be at least 1 and at most hub.reconnect_max_ms ({max}), which must be at most 600000"
+            )));
+        }
+        let timeout = self.hub.request_timeout_secs.unwrap_or(10);
+        if !(1..=300).contains(&timeout) {
+            return Err(Error::Config(format!(
+                "hub.request_timeout_secs must be between 1 and 300, got {timeout}"
+            )));
+        }
+        Ok(Config {
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("strata-edge")),
+            local_api_listen: self
+                .local_api
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
+            heartbeat_interval: Duration::from_secs(heartbeat),
+            reconnect_min: Duration::from_millis(min),
+            reconnect_max: Duration::from_millis(max),
+            request_timeout: Duration::from_secs(timeout),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../../../docs/examples/edge.toml");
+        let config = RawConfig::from_toml(text).unwrap().validate().unwrap();
+        assert_eq!(config.local_api_listen.port(), 7070);
+        assert_eq!(config.reconnect_max, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            ("colour = 1", "unknown field `colour`"),
+            ("[hub]\nheartbeat = 3", "unknown field `heartbeat`"),
+            (
+                "[hub]\nheartbeat_interval_secs = 0",
+                "heartbeat_interval_secs",
+            ),
+            (
+                "[hub]\nreconnect_min_ms = 10\nreconnect_max_ms = 5",
+                "reconnect_min_ms",
+            ),
+            ("[local_api]\nlisten = \"x\"", "listen"),
+        ];
+        for (text, needle) in cases {
+            let err = RawConfig::from_toml(text)
+                .and_then(RawConfig::validate)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+}

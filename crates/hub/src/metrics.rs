@@ -1,0 +1,94 @@
+//! The hub's Prometheus metrics.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Why an enrolment was refused (a bounded set, used as a label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `malformed`, `invalid`, `expired`, `used`, `csr`.
+    pub reason: &'static str,
+}
+
+/// Counters and gauges the hub exports on `/metrics`.
+#[derive(Clone, Debug)]
+pub struct HubMetrics {
+    /// Shared request metrics.
+    pub http: web::HttpMetrics,
+    /// Devices enrolled since start.
+    pub enrolments: Counter,
+    /// Enrolments refused, by reason.
+    pub enrolments_refused: Family<RefusalLabels, Counter>,
+    /// Heartbeats received.
+    pub heartbeats: Counter,
+    /// Device calls refused for identity reasons (no certificate, revoked, mismatch).
+    pub device_auth_refused: Counter,
+    /// Event streams currently open.
+    pub streams_open: Gauge,
+    /// Messages pushed to devices.
+    pub messages_sent: Counter,
+    /// Devices enrolled, set at scrape time.
+    pub devices_enrolled: Gauge,
+    /// Devices with an open stream, set at scrape time.
+    pub devices_online: Gauge,
+}
+
+impl HubMetrics {
+    /// Creates the metrics and a registry holding them under `strata_hub_`.
+    pub fn new() -> (Self, Arc<Registry>) {
+        let mut registry = Registry::with_prefix("strata_hub");
+        let metrics = Self {
+            http: web::HttpMetrics::register(&mut registry),
+            enrolments: Counter::default(),
+            enrolments_refused: Family::default(),
+            heartbeats: Counter::default(),
+            device_auth_refused: Counter::default(),
+            streams_open: Gauge::default(),
+            messages_sent: Counter::default(),
+            devices_enrolled: Gauge::default(),
+            devices_online: Gauge::default(),
+        };
+        registry.register("enrolments", "Devices enrolled", metrics.enrolments.clone());
+        registry.register(
+            "enrolments_refused",
+            "Enrolments refused, by reason",
+            metrics.enrolments_refused.clone(),
+        );
+        registry.register(
+            "heartbeats",
+            "Device heartbeats received",
+            metrics.heartbeats.clone(),
+        );
+        registry.register(
+            "device_auth_refused",
+            "Device calls refused: no certificate, unknown, revoked or acting as another device",
+            metrics.device_auth_refused.clone(),
+        );
+        registry.register(
+            "streams_open",
+            "Device event streams open",
+            metrics.streams_open.clone(),
+        );
+        registry.register(
+            "messages_sent",
+            "Messages sent to devices",
+            metrics.messages_sent.clone(),
+        );
+        registry.register(
+            "devices_enrolled",
+            "Devices enrolled (active and revoked)",
+            metrics.devices_enrolled.clone(),
+        );
+        registry.register(
+            "devices_online",
+            "Devices holding an event stream open",
+            metrics.devices_online.clone(),
+        );
+        (metrics, Arc::new(registry))
+    }
+}
