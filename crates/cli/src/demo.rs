@@ -340,13 +340,15 @@ async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
         "  OpenAPI: {}/openapi.json   metrics: {}/metrics",
         fleet.hub_url, fleet.hub_url
     ));
-    if let Some(first) = fleet.devices.first() {
-        if let Ok(addr) = std::fs::read_to_string(first.data_dir.join("local-api.addr")) {
-            out(&format!(
-                "  A device's local API: curl http://{}/v1/status",
-                addr.trim()
-            ));
-        }
+    if let Some(addr) = fleet
+        .devices
+        .first()
+        .and_then(|d| std::fs::read_to_string(d.data_dir.join("local-api.addr")).ok())
+    {
+        out(&format!(
+            "  A device's local API: curl http://{}/v1/status",
+            addr.trim()
+        ));
     }
     out("");
     watch(fleet, args.duration.map(Into::into)).await

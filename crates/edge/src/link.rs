@@ -123,12 +123,12 @@ impl Link {
 
     /// Handles a refusal that means the device may no longer call the hub.
     fn check_revoked(&self, e: &Error) -> bool {
-        if let Error::Refused { slug, .. } = e {
-            if slug == "device-revoked" || slug == "unknown-certificate" {
-                tracing::error!(error = %e, "hub refuses this device; stopping the hub link");
-                self.status.set_revoked();
-                return true;
-            }
+        if let Error::Refused { slug, .. } = e
+            && (slug == "device-revoked" || slug == "unknown-certificate")
+        {
+            tracing::error!(error = %e, "hub refuses this device; stopping the hub link");
+            self.status.set_revoked();
+            return true;
         }
         false
     }

@@ -85,12 +85,12 @@ impl RawConfig {
                 ttl.as_secs()
             )));
         }
-        if let Some(url) = &self.advertise_url {
-            if !url.starts_with("https://") {
-                return Err(Error::Config(format!(
-                    "advertise_url must start with https://, got {url:?}"
-                )));
-            }
+        if let Some(url) = &self.advertise_url
+            && !url.starts_with("https://")
+        {
+            return Err(Error::Config(format!(
+                "advertise_url must start with https://, got {url:?}"
+            )));
         }
         Ok(Config {
             data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from("strata-hub")),

@@ -1,0 +1,34 @@
+//! `strata demo` on its defaults brings up a hub and 8 devices across 2 sites.
+
+use std::process::Command;
+
+use crate::support::STRATA;
+
+#[test]
+fn the_demo_enrols_its_fleet_and_shows_it_online() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(STRATA)
+        .args(["demo", "--duration", "3s", "--dir"])
+        .arg(tmp.path())
+        .env("STRATA_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("8 devices across 2 sites joined over mutual TLS"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("8/8 devices online"), "{stdout}");
+    assert!(stdout.contains("site-1") && stdout.contains("site-2"));
+    // Each device has its own identity.
+    let certs: std::collections::BTreeSet<Vec<u8>> = std::fs::read_dir(tmp.path().join("devices"))
+        .unwrap()
+        .map(|d| std::fs::read(d.unwrap().path().join("identity/device.crt")).unwrap())
+        .collect();
+    assert_eq!(certs.len(), 8);
+}

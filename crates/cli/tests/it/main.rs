@@ -1,0 +1,9 @@
+//! End-to-end tests of the `strata` binary: real hub and agent processes on
+//! loopback, real TLS, real SQLite, in temporary directories.
+
+mod api_errors;
+mod demo;
+mod enrolment;
+mod identity;
+mod resilience;
+mod support;
