@@ -65,7 +65,15 @@ pub(crate) async fn run(cmd: EdgeCommand) -> anyhow::Result<()> {
             if args.listen.is_some() {
                 raw.local_api.listen = args.listen;
             }
-            let config = raw.validate()?;
+            // Model paths in the file are relative to the file.
+            let base = match &args.config {
+                Some(path) => path
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default(),
+                None => std::env::current_dir().context("reading the current directory")?,
+            };
+            let config = raw.validate_in(&base)?;
             let dir = config.data_dir.clone();
             let agent = edge::agent::run(config)
                 .await

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::inference::{Admission, Inference};
 use crate::link::Link;
 use crate::local_api::{LocalState, router};
 use crate::metrics::{AgentMetrics, Status};
@@ -60,11 +61,21 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
             reason: crate::chain(&e),
         })?;
 
+    let (loaded, models) = load_models(&config.catalogue).await;
     let (metrics, registry) = AgentMetrics::new();
     let status = Arc::new(Status::new(
         enrolment.clone(),
         state.last_message_seq()?,
         metrics.clone(),
+        models,
+    ));
+    let inference = Arc::new(Inference::new(
+        loaded,
+        Admission::new(
+            config.max_concurrent,
+            config.max_queued,
+            config.queue_timeout,
+        ),
     ));
 
     let listener = TcpListener::bind(config.local_api_listen)
@@ -83,6 +94,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
             registry,
         },
         metrics.http.clone(),
+        inference,
     );
     let serve = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -106,4 +118,49 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         status,
         tasks: vec![serve, heartbeats, stream],
     })
+}
+
+/// Loads the catalogue off the async executor. A model that fails to load is
+/// logged and reported in the status; the others are served.
+async fn load_models(
+    catalogue: &runtime::Catalogue,
+) -> (
+    std::collections::BTreeMap<String, Arc<dyn runtime::ModelBackend>>,
+    Vec<protocol::LocalModel>,
+) {
+    let kinds: Vec<(String, String)> = catalogue
+        .entries
+        .iter()
+        .map(|e| (e.id.clone(), e.spec.kind().to_string()))
+        .collect();
+    let catalogue = catalogue.clone();
+    let loaded =
+        match tokio::task::spawn_blocking(move || runtime::catalogue::load(&catalogue)).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "model loading failed");
+                runtime::LoadedModels::default()
+            }
+        };
+    let mut statuses = Vec::new();
+    for (id, kind) in kinds {
+        let error = loaded
+            .failures
+            .iter()
+            .find(|(failed, _)| *failed == id)
+            .map(|(_, e)| e.to_string());
+        match &error {
+            Some(e) => {
+                tracing::error!(model = %id, error = %e, "model failed to load; serving the others")
+            }
+            None => tracing::info!(model = %id, %kind, "model loaded"),
+        }
+        statuses.push(protocol::LocalModel {
+            loaded: loaded.models.contains_key(&id),
+            id,
+            kind,
+            error,
+        });
+    }
+    (loaded.models, statuses)
 }

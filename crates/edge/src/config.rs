@@ -23,6 +23,28 @@ pub struct RawConfig {
     /// The link to the hub.
     #[serde(default)]
     pub hub: RawHubLink,
+    /// Limits of the inference API.
+    #[serde(default)]
+    pub inference: RawInference,
+    /// The models this device serves (`[[models]]` tables; see the runtime
+    /// catalogue for the fields of each kind). Relative paths are resolved
+    /// against the directory of the configuration file.
+    #[serde(default)]
+    pub models: Vec<runtime::RawModelEntry>,
+}
+
+/// `[inference]`: admission limits of the inference API.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInference {
+    /// Requests served at once across all models. Default: 2.
+    pub max_concurrent: Option<usize>,
+    /// Requests waiting for a slot; beyond this the API answers 429 with
+    /// `Retry-After`. Default: 16.
+    pub max_queued: Option<usize>,
+    /// Longest a request waits for a slot before 429, in milliseconds.
+    /// Default: 30000.
+    pub queue_timeout_ms: Option<u64>,
 }
 
 /// `[local_api]`: the HTTP API applications on the device call.
@@ -67,6 +89,14 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// See [`RawHubLink::request_timeout_secs`].
     pub request_timeout: Duration,
+    /// See [`RawInference::max_concurrent`].
+    pub max_concurrent: usize,
+    /// See [`RawInference::max_queued`].
+    pub max_queued: usize,
+    /// See [`RawInference::queue_timeout_ms`].
+    pub queue_timeout: Duration,
+    /// The validated model catalogue.
+    pub catalogue: runtime::Catalogue,
 }
 
 impl RawConfig {
@@ -75,7 +105,30 @@ impl RawConfig {
         toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
     }
 
-    /// Checks every field and fills in defaults.
+    /// Checks every field and fills in defaults; relative model paths are
+    /// resolved against `base_dir` (the configuration file's directory).
+    pub fn validate_in(self, base_dir: &std::path::Path) -> Result<Config, Error> {
+        let catalogue = runtime::RawCatalogue {
+            models: self.models.clone(),
+        }
+        .validate(base_dir)
+        .map_err(|e| Error::Config(format!("models: {e}")))?;
+        let max_concurrent = self.inference.max_concurrent.unwrap_or(2);
+        if !(1..=256).contains(&max_concurrent) {
+            return Err(Error::Config(format!(
+                "inference.max_concurrent must be between 1 and 256, got {max_concurrent}"
+            )));
+        }
+        let mut config = self.clone().validate()?;
+        config.max_concurrent = max_concurrent;
+        config.max_queued = self.inference.max_queued.unwrap_or(16);
+        config.queue_timeout =
+            Duration::from_millis(self.inference.queue_timeout_ms.unwrap_or(30_000));
+        config.catalogue = catalogue;
+        Ok(config)
+    }
+
+    /// Checks every field and fills in defaults, with no models.
     pub fn validate(self) -> Result<Config, Error> {
         let heartbeat = self.hub.heartbeat_interval_secs.unwrap_or(10);
         if !(1..=3600).contains(&heartbeat) {
@@ -108,6 +161,10 @@ impl RawConfig {
             reconnect_min: Duration::from_millis(min),
             reconnect_max: Duration::from_millis(max),
             request_timeout: Duration::from_secs(timeout),
+            max_concurrent: 2,
+            max_queued: 16,
+            queue_timeout: Duration::from_secs(30),
+            catalogue: runtime::Catalogue::default(),
         })
     }
 }

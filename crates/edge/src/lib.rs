@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod inference;
 pub mod join;
 pub mod link;
 pub mod local_api;

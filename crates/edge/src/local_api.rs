@@ -1,6 +1,6 @@
 //! The agent's local HTTP API, served on loopback for applications on the
-//! device. For now: health, status and metrics; inference routes join it as
-//! the runtime lands.
+//! device: health, status and metrics here, and the inference routes of
+//! [`crate::inference`].
 
 use std::sync::Arc;
 
@@ -24,15 +24,20 @@ pub struct LocalState {
 }
 
 /// The local API's routes.
-pub fn router(state: LocalState, http: web::HttpMetrics) -> Router {
+pub fn router(
+    state: LocalState,
+    http: web::HttpMetrics,
+    inference: Arc<crate::inference::Inference>,
+) -> Router {
     Router::new()
         .route("/healthz", get(health))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .with_state(state)
+        .merge(crate::inference::router(inference))
         .fallback(web::not_found)
         .layer(axum::middleware::from_fn(web::problem_for_405))
         .layer(axum::middleware::from_fn_with_state(http, web::track))
-        .with_state(state)
 }
 
 async fn health() -> Json<Health> {

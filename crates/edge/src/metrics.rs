@@ -7,7 +7,7 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use protocol::AgentStatus;
+use protocol::{AgentStatus, LocalModel};
 use time::OffsetDateTime;
 
 use crate::state::Enrolment;
@@ -84,11 +84,17 @@ pub struct Status {
     last_message_seq: AtomicI64,
     last_heartbeat_ms: AtomicI64,
     metrics: AgentMetrics,
+    models: Vec<LocalModel>,
 }
 
 impl Status {
     /// Fresh status for an enrolled device.
-    pub fn new(enrolment: Enrolment, last_message_seq: i64, metrics: AgentMetrics) -> Self {
+    pub fn new(
+        enrolment: Enrolment,
+        last_message_seq: i64,
+        metrics: AgentMetrics,
+        models: Vec<LocalModel>,
+    ) -> Self {
         Self {
             enrolment,
             started: Instant::now(),
@@ -101,6 +107,7 @@ impl Status {
             last_message_seq: AtomicI64::new(last_message_seq),
             last_heartbeat_ms: AtomicI64::new(0),
             metrics,
+            models,
         }
     }
 
@@ -179,6 +186,7 @@ impl Status {
             messages_received: self.messages_received.load(Ordering::SeqCst),
             revoked: self.is_revoked(),
             uptime_secs: self.uptime_secs(),
+            models: self.models.clone(),
         }
     }
 }

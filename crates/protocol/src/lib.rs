@@ -8,6 +8,7 @@
 //! Start reading at [`JoinToken`] (how a device finds and trusts its hub),
 //! then [`EnrollRequest`] and [`DeviceMessage`].
 
+pub mod openai;
 mod token;
 
 use std::collections::BTreeMap;
@@ -327,4 +328,20 @@ pub struct AgentStatus {
     pub revoked: bool,
     /// Seconds since the agent started.
     pub uptime_secs: u64,
+    /// The models in the agent's catalogue and whether each loaded.
+    pub models: Vec<LocalModel>,
+}
+
+/// A model in an agent's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocalModel {
+    /// The id requests use.
+    pub id: String,
+    /// `llm`, `embedding`, `classifier` or `anomaly`.
+    pub kind: String,
+    /// True when the model is loaded and served.
+    pub loaded: bool,
+    /// Why it failed to load, if it did.
+    pub error: Option<String>,
 }

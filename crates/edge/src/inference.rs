@@ -1,0 +1,997 @@
+//! The agent's inference API: OpenAI-compatible `/v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings` and `/v1/models`, plus Strata's
+//! `/v1/classify` and `/v1/anomaly`, served from the models in the agent's
+//! catalogue.
+//!
+//! Errors use OpenAI's error body (`{"error": {...}}`) so that OpenAI
+//! clients report them properly. Work is admitted through [`Admission`]: a
+//! bounded number of requests run, a bounded number wait, and the rest get
+//! 429 with `Retry-After` at once rather than piling up.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use protocol::openai::{
+    AnomalyRequest, AnomalyResponse, AnomalyScore, AssistantMessage, ChatChoice, ChatChunkChoice,
+    ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChoiceLogprobs,
+    Classification, ClassifyRequest, ClassifyResponse, Completion, CompletionChoice,
+    CompletionLogprobs, CompletionRequest, Embedding, EmbeddingRequest, EmbeddingResponse,
+    EmbeddingUsage, EmbeddingVector, ErrorBody, ErrorDetail, MessageContent, Model, ModelList,
+    StrataTimings, TokenLogprob, TopLogprob, Usage,
+};
+use runtime::{
+    CancelToken, GeneratedToken, Generation, GenerationRequest, ModelBackend, Prompt,
+    SamplingParams, StreamChunk, TextGenerator,
+};
+use tokio::sync::{Semaphore, mpsc};
+
+/// An error in OpenAI's format.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: ErrorDetail,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error_type: &str, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: ErrorDetail {
+                message: message.into(),
+                error_type: error_type.to_owned(),
+                param: None,
+                code: Some(code.to_owned()),
+            },
+            retry_after: None,
+        }
+    }
+
+    fn invalid(param: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_value",
+            message,
+        );
+        e.detail.param = Some(param.to_owned());
+        e
+    }
+
+    fn from_runtime(e: runtime::Error) -> Self {
+        match e {
+            runtime::Error::PromptTooLong { .. } => {
+                let mut err = Self::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "context_length_exceeded",
+                    e.to_string(),
+                );
+                err.detail.param = Some("messages".into());
+                err
+            }
+            runtime::Error::EmptyPrompt
+            | runtime::Error::InvalidParameter { .. }
+            | runtime::Error::InvalidToken { .. }
+            | runtime::Error::ChatTemplate { .. } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+                e.to_string(),
+            ),
+            other => {
+                tracing::error!(error = %other, "inference failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "inference_failed",
+                    other.to_string(),
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(ErrorBody { error: self.detail })).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// A JSON body whose rejection is an OpenAI error.
+pub struct OpenAiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for OpenAiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => {
+                let status = match rejection {
+                    JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    JsonRejection::BytesRejection(_) => rejection.status(),
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Err(ApiError::new(
+                    status,
+                    "invalid_request_error",
+                    "invalid_body",
+                    rejection.body_text(),
+                ))
+            }
+        }
+    }
+}
+
+/// Bounded admission: `running` requests at a time, `queued` more waiting.
+#[derive(Debug)]
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    wait_timeout: Duration,
+}
+
+/// A running request's slot; released on drop.
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    queued_for: Duration,
+}
+
+impl Admission {
+    /// `running` concurrent requests, `max_waiting` queued, each waiting at
+    /// most `wait_timeout`.
+    pub fn new(running: usize, max_waiting: usize, wait_timeout: Duration) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(running.max(1))),
+            waiting: AtomicUsize::new(0),
+            max_waiting,
+            wait_timeout,
+        }
+    }
+
+    fn busy() -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "server_busy",
+            "the device is busy with other requests; retry shortly",
+        );
+        e.retry_after = Some(1);
+        e
+    }
+
+    /// Waits for a slot, or refuses at once when the queue is full.
+    pub async fn admit(&self) -> Result<Slot, ApiError> {
+        let start = Instant::now();
+        if let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() {
+            return Ok(Slot {
+                _permit: permit,
+                queued_for: Duration::ZERO,
+            });
+        }
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Self::busy());
+        }
+        let acquired =
+            tokio::time::timeout(self.wait_timeout, Arc::clone(&self.permits).acquire_owned())
+                .await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        match acquired {
+            Ok(Ok(permit)) => Ok(Slot {
+                _permit: permit,
+                queued_for: start.elapsed(),
+            }),
+            _ => Err(Self::busy()),
+        }
+    }
+}
+
+/// The models the agent serves.
+pub struct Inference {
+    models: BTreeMap<String, Arc<dyn ModelBackend>>,
+    loaded_at: i64,
+    admission: Admission,
+}
+
+impl std::fmt::Debug for Inference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inference")
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inference {
+    /// Serves `models` with the given admission limits.
+    pub fn new(models: BTreeMap<String, Arc<dyn ModelBackend>>, admission: Admission) -> Self {
+        Self {
+            models,
+            loaded_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            admission,
+        }
+    }
+
+    fn model(&self, id: &str) -> Result<&Arc<dyn ModelBackend>, ApiError> {
+        self.models.get(id).ok_or_else(|| {
+            let mut e = ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                "model_not_found",
+                format!(
+                    "model {id:?} is not served here; available: {}",
+                    self.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
+            e.detail.param = Some("model".into());
+            e
+        })
+    }
+
+    fn wrong_kind(id: &str, wanted: &str) -> ApiError {
+        let mut e = ApiError::invalid("model", format!("model {id:?} is not {wanted}"));
+        e.detail.code = Some("model_not_supported".into());
+        e
+    }
+}
+
+/// The inference routes, to merge into the local API.
+pub fn router(inference: Arc<Inference>) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/classify", post(classify))
+        .route("/v1/anomaly", post(anomaly))
+        .with_state(inference)
+}
+
+async fn models(State(inf): State<Arc<Inference>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: inf
+            .models
+            .iter()
+            .map(|(id, m)| Model {
+                id: id.clone(),
+                object: "model".into(),
+                created: inf.loaded_at,
+                owned_by: "strata".into(),
+                kind: m.kind().to_string(),
+            })
+            .collect(),
+    })
+}
+
+struct Sampling {
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    stop: Vec<String>,
+    top_logprobs: u8,
+}
+
+fn generation_request(prompt: Prompt, s: Sampling) -> Result<GenerationRequest, ApiError> {
+    let defaults = SamplingParams::default();
+    let sampling = SamplingParams {
+        temperature: s.temperature.unwrap_or(defaults.temperature),
+        top_k: s.top_k.unwrap_or(defaults.top_k),
+        top_p: s.top_p.unwrap_or(defaults.top_p),
+        seed: s.seed,
+    };
+    if !(0.0..=2.0).contains(&sampling.temperature) {
+        return Err(ApiError::invalid(
+            "temperature",
+            "temperature must be between 0 and 2",
+        ));
+    }
+    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", "top_p must be in (0, 1]"));
+    }
+    if s.stop.len() > 4 {
+        return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
+    }
+    if s.max_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        ));
+    }
+    Ok(GenerationRequest {
+        prompt,
+        max_tokens: s.max_tokens,
+        sampling,
+        stop: s.stop,
+        top_logprobs: s.top_logprobs,
+    })
+}
+
+fn generator<'a>(inf: &'a Inference, id: &str) -> Result<&'a dyn TextGenerator, ApiError> {
+    inf.model(id)?
+        .as_generator()
+        .ok_or_else(|| Inference::wrong_kind(id, "a text generation model"))
+}
+
+fn text_of(content: MessageContent) -> Result<String, ApiError> {
+    match content {
+        MessageContent::Text(t) => Ok(t),
+        MessageContent::Parts(parts) => {
+            let mut out = String::new();
+            for p in parts {
+                if p.part_type != "text" {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("content parts of type {:?} are not supported", p.part_type),
+                    ));
+                }
+                out.push_str(p.text.as_deref().unwrap_or_default());
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn token_logprob(g: &dyn TextGenerator, t: &GeneratedToken) -> TokenLogprob {
+    TokenLogprob {
+        token: String::from_utf8_lossy(&t.bytes).into_owned(),
+        logprob: t.logprob,
+        bytes: t.bytes.clone(),
+        top_logprobs: t
+            .top_logprobs
+            .iter()
+            .map(|alt| {
+                let bytes = g.token_bytes(alt.token);
+                TopLogprob {
+                    token: String::from_utf8_lossy(&bytes).into_owned(),
+                    logprob: alt.logprob,
+                    bytes,
+                }
+            })
+            .collect(),
+    }
+}
+
+fn timings(g: &Generation) -> StrataTimings {
+    let mean_logprob = (!g.tokens.is_empty())
+        .then(|| g.tokens.iter().map(|t| t.logprob).sum::<f32>() / g.tokens.len() as f32);
+    StrataTimings {
+        queue_ms: g.timings.queue_ms,
+        prefill_ms: g.timings.prefill_ms,
+        decode_ms: g.timings.decode_ms,
+        prefill_tokens_per_s: g.timings.prefill_tokens_per_s,
+        decode_tokens_per_s: g.timings.decode_tokens_per_s,
+        mean_logprob,
+    }
+}
+
+fn usage(g: &Generation) -> Usage {
+    Usage {
+        prompt_tokens: g.usage.prompt_tokens,
+        completion_tokens: g.usage.completion_tokens,
+        total_tokens: g.usage.prompt_tokens + g.usage.completion_tokens,
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn response_id(prefix: &str) -> String {
+    use rand::Rng;
+    format!("{prefix}-{:016x}", rand::rng().random::<u64>())
+}
+
+/// Runs a generation on a blocking thread, sending chunks to `tx` as they
+/// come. Generation stops when the receiver goes away (the client left).
+fn spawn_generation(
+    model: Arc<dyn ModelBackend>,
+    request: GenerationRequest,
+    tx: mpsc::Sender<StreamChunk>,
+) -> tokio::task::JoinHandle<Result<Generation, ApiError>> {
+    tokio::task::spawn_blocking(move || {
+        let generator = model
+            .as_generator()
+            .ok_or_else(|| ApiError::invalid("model", "not a text generation model"))?;
+        let cancel = CancelToken::new();
+        generator
+            .generate(&request, &cancel, &mut |chunk| {
+                if tx.blocking_send(chunk.clone()).is_err() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .map_err(ApiError::from_runtime)
+    })
+}
+
+async fn chat(
+    State(inf): State<Arc<Inference>>,
+    OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let g = generator(&inf, &req.model)?;
+    if req.n.unwrap_or(1) != 1 {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    for (name, v) in [
+        ("frequency_penalty", req.frequency_penalty),
+        ("presence_penalty", req.presence_penalty),
+    ] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::invalid(name, format!("{name} is not supported")));
+        }
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        let role = match m.role.as_str() {
+            "developer" => "system".to_owned(),
+            "system" | "user" | "assistant" => m.role.clone(),
+            other => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("message role {other:?} is not supported"),
+                ));
+            }
+        };
+        messages.push(runtime::ChatMessage::new(role, text_of(m.content)?));
+    }
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    let top = req.top_logprobs.unwrap_or(0);
+    if top > 20 {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs must be at most 20",
+        ));
+    }
+    let request = generation_request(
+        Prompt::Chat(messages),
+        Sampling {
+            max_tokens: req.max_completion_tokens.or(req.max_tokens),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop: req.stop.map(|s| s.into_vec()).unwrap_or_default(),
+            top_logprobs: if want_logprobs { top } else { 0 },
+        },
+    )?;
+    let _ = g;
+    let model = Arc::clone(inf.model(&req.model)?);
+    let id = response_id("chatcmpl");
+    let created = now();
+    let model_id = req.model.clone();
+
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(
+            stream_response(inf, model, request, move |item| match item {
+                StreamItem::Start => vec![ChatCompletionChunk {
+                    id: id.clone(),
+                    object: "chat.completion.chunk".into(),
+                    created,
+                    model: model_id.clone(),
+                    choices: vec![ChatChunkChoice {
+                        index: 0,
+                        delta: ChatDelta {
+                            role: Some("assistant".into()),
+                            content: Some(String::new()),
+                        },
+                        finish_reason: None,
+                        logprobs: None,
+                    }],
+                    usage: None,
+                }],
+                StreamItem::Chunk(generator, chunk) => {
+                    if chunk.text.is_empty() && !want_logprobs {
+                        return Vec::new();
+                    }
+                    vec![ChatCompletionChunk {
+                        id: id.clone(),
+                        object: "chat.completion.chunk".into(),
+                        created,
+                        model: model_id.clone(),
+                        choices: vec![ChatChunkChoice {
+                            index: 0,
+                            delta: ChatDelta {
+                                role: None,
+                                content: Some(chunk.text.clone()),
+                            },
+                            finish_reason: None,
+                            logprobs: want_logprobs.then(|| ChoiceLogprobs {
+                                content: chunk
+                                    .token
+                                    .iter()
+                                    .map(|t| token_logprob(generator, t))
+                                    .collect(),
+                            }),
+                        }],
+                        usage: None,
+                    }]
+                }
+                StreamItem::End(generation) => {
+                    let mut out = vec![ChatCompletionChunk {
+                        id: id.clone(),
+                        object: "chat.completion.chunk".into(),
+                        created,
+                        model: model_id.clone(),
+                        choices: vec![ChatChunkChoice {
+                            index: 0,
+                            delta: ChatDelta::default(),
+                            finish_reason: Some(generation.finish_reason.as_openai().into()),
+                            logprobs: None,
+                        }],
+                        usage: None,
+                    }];
+                    if include_usage {
+                        out.push(ChatCompletionChunk {
+                            id: id.clone(),
+                            object: "chat.completion.chunk".into(),
+                            created,
+                            model: model_id.clone(),
+                            choices: Vec::new(),
+                            usage: Some(usage(generation)),
+                        });
+                    }
+                    out
+                }
+            })
+            .await,
+        );
+    }
+
+    let slot = inf.admission.admit().await?;
+    let queued = slot.queued_for;
+    let (tx, mut rx) = mpsc::channel(64);
+    let handle = spawn_generation(Arc::clone(&model), request, tx);
+    while rx.recv().await.is_some() {}
+    let mut generation = handle.await.map_err(|e| {
+        ApiError::from_runtime(runtime::Error::WorkersStopped {
+            model: e.to_string(),
+        })
+    })??;
+    drop(slot);
+    generation.timings.queue_ms += queued.as_secs_f64() * 1000.0;
+    let g = generator(&inf, &model_id)?;
+    Ok(Json(ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model: model_id,
+        choices: vec![ChatChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content: generation.text.clone(),
+            },
+            finish_reason: generation.finish_reason.as_openai().into(),
+            logprobs: want_logprobs.then(|| ChoiceLogprobs {
+                content: generation
+                    .tokens
+                    .iter()
+                    .map(|t| token_logprob(g, t))
+                    .collect(),
+            }),
+        }],
+        usage: usage(&generation),
+        strata: timings(&generation),
+    })
+    .into_response())
+}
+
+/// What a streaming response is made of.
+enum StreamItem<'a> {
+    Start,
+    Chunk(&'a dyn TextGenerator, &'a StreamChunk),
+    End(&'a Generation),
+}
+
+/// Streams a generation as Server-Sent Events, rendering each item with
+/// `render`, ending with `data: [DONE]`.
+async fn stream_response<T, F>(
+    inf: Arc<Inference>,
+    model: Arc<dyn ModelBackend>,
+    request: GenerationRequest,
+    mut render: F,
+) -> Response
+where
+    T: serde::Serialize,
+    F: FnMut(StreamItem<'_>) -> Vec<T> + Send + 'static,
+{
+    let (events_tx, events_rx) = mpsc::channel::<Event>(64);
+    let slot = match inf.admission.admit().await {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
+    };
+    tokio::spawn(async move {
+        // The slot is held until the generation ends or the client leaves.
+        let _slot = slot;
+        let send = |tx: &mpsc::Sender<Event>, items: Vec<T>| {
+            let events: Vec<Event> = items
+                .into_iter()
+                .filter_map(|i| Event::default().json_data(i).ok())
+                .collect();
+            let tx = tx.clone();
+            async move {
+                for e in events {
+                    if tx.send(e).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+        };
+        if !send(&events_tx, render(StreamItem::Start)).await {
+            return;
+        }
+        let (tx, mut rx) = mpsc::channel(64);
+        let handle = spawn_generation(Arc::clone(&model), request, tx);
+        let Some(generator) = model.as_generator() else {
+            return;
+        };
+        while let Some(chunk) = rx.recv().await {
+            if !send(&events_tx, render(StreamItem::Chunk(generator, &chunk))).await {
+                // The client went away: dropping `rx` stops the generation.
+                return;
+            }
+        }
+        match handle.await {
+            Ok(Ok(generation)) => {
+                if send(&events_tx, render(StreamItem::End(&generation))).await {
+                    let _ = events_tx.send(Event::default().data("[DONE]")).await;
+                }
+            }
+            Ok(Err(e)) => {
+                let _ = events_tx
+                    .send(
+                        Event::default()
+                            .json_data(ErrorBody { error: e.detail })
+                            .unwrap_or_default(),
+                    )
+                    .await;
+            }
+            Err(e) => tracing::error!(error = %e, "generation task failed"),
+        }
+    });
+    let stream = futures_util::stream::unfold(events_rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(stream).into_response()
+}
+
+async fn completions(
+    State(inf): State<Arc<Inference>>,
+    OpenAiJson(req): OpenAiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    generator(&inf, &req.model)?;
+    if req.n.unwrap_or(1) != 1 {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    let mut prompts = req.prompt.into_vec();
+    if prompts.len() != 1 {
+        return Err(ApiError::invalid(
+            "prompt",
+            "exactly one prompt is supported",
+        ));
+    }
+    let prompt = prompts.remove(0);
+    let top = req.logprobs.unwrap_or(0);
+    if top > 5 {
+        return Err(ApiError::invalid("logprobs", "logprobs must be at most 5"));
+    }
+    let want_logprobs = req.logprobs.is_some();
+    let request = generation_request(
+        Prompt::Text(prompt),
+        Sampling {
+            max_tokens: Some(req.max_tokens.unwrap_or(16)),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            seed: req.seed,
+            stop: req.stop.map(|s| s.into_vec()).unwrap_or_default(),
+            top_logprobs: top,
+        },
+    )?;
+    let model = Arc::clone(inf.model(&req.model)?);
+    let id = response_id("cmpl");
+    let created = now();
+    let model_id = req.model.clone();
+    let logprobs_of = move |g: &dyn TextGenerator, tokens: &[GeneratedToken]| {
+        let mut lp = CompletionLogprobs::default();
+        let mut offset = 0;
+        for t in tokens {
+            let text = String::from_utf8_lossy(&t.bytes).into_owned();
+            lp.text_offset.push(offset);
+            offset += text.len();
+            lp.tokens.push(text);
+            lp.token_logprobs.push(t.logprob);
+            lp.top_logprobs.push(
+                t.top_logprobs
+                    .iter()
+                    .map(|a| {
+                        (
+                            String::from_utf8_lossy(&g.token_bytes(a.token)).into_owned(),
+                            a.logprob,
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        lp
+    };
+
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(stream_response(inf, model, request, move |item| {
+            let chunk = |choices: Vec<CompletionChoice>, usage: Option<Usage>| Completion {
+                id: id.clone(),
+                object: "text_completion".into(),
+                created,
+                model: model_id.clone(),
+                choices,
+                usage,
+                strata: None,
+            };
+            match item {
+                StreamItem::Start => Vec::new(),
+                StreamItem::Chunk(g, c) => {
+                    if c.text.is_empty() && !want_logprobs {
+                        return Vec::new();
+                    }
+                    vec![chunk(
+                        vec![CompletionChoice {
+                            text: c.text.clone(),
+                            index: 0,
+                            logprobs: want_logprobs.then(|| logprobs_of(g, c.token.as_slice())),
+                            finish_reason: None,
+                        }],
+                        None,
+                    )]
+                }
+                StreamItem::End(generation) => {
+                    let mut out = vec![chunk(
+                        vec![CompletionChoice {
+                            text: String::new(),
+                            index: 0,
+                            logprobs: None,
+                            finish_reason: Some(generation.finish_reason.as_openai().into()),
+                        }],
+                        None,
+                    )];
+                    if include_usage {
+                        out.push(chunk(Vec::new(), Some(usage(generation))));
+                    }
+                    out
+                }
+            }
+        })
+        .await);
+    }
+
+    let slot = inf.admission.admit().await?;
+    let queued = slot.queued_for;
+    let (tx, mut rx) = mpsc::channel(64);
+    let handle = spawn_generation(Arc::clone(&model), request, tx);
+    while rx.recv().await.is_some() {}
+    let mut generation = handle.await.map_err(|e| {
+        ApiError::from_runtime(runtime::Error::WorkersStopped {
+            model: e.to_string(),
+        })
+    })??;
+    drop(slot);
+    generation.timings.queue_ms += queued.as_secs_f64() * 1000.0;
+    let g = generator(&inf, &model_id)?;
+    Ok(Json(Completion {
+        id,
+        object: "text_completion".into(),
+        created,
+        model: model_id,
+        choices: vec![CompletionChoice {
+            text: generation.text.clone(),
+            index: 0,
+            logprobs: want_logprobs.then(|| logprobs_of(g, &generation.tokens)),
+            finish_reason: Some(generation.finish_reason.as_openai().into()),
+        }],
+        usage: Some(usage(&generation)),
+        strata: Some(timings(&generation)),
+    })
+    .into_response())
+}
+
+/// Most inputs per embeddings or classify request.
+const MAX_BATCH: usize = 2048;
+
+fn inputs(input: protocol::openai::OneOrMany) -> Result<Vec<String>, ApiError> {
+    let texts = input.into_vec();
+    if texts.is_empty() {
+        return Err(ApiError::invalid("input", "input must not be empty"));
+    }
+    if texts.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "input",
+            format!(
+                "at most {MAX_BATCH} inputs per request, got {}",
+                texts.len()
+            ),
+        ));
+    }
+    Ok(texts)
+}
+
+async fn embeddings(
+    State(inf): State<Arc<Inference>>,
+    OpenAiJson(req): OpenAiJson<EmbeddingRequest>,
+) -> Result<Json<EmbeddingResponse>, ApiError> {
+    let model = Arc::clone(inf.model(&req.model)?);
+    let embedder = model
+        .as_embedder()
+        .ok_or_else(|| Inference::wrong_kind(&req.model, "an embedding model"))?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                format!("encoding_format must be float or base64, got {other:?}"),
+            ));
+        }
+    };
+    if let Some(d) = req.dimensions
+        && d != embedder.dimension()
+    {
+        return Err(ApiError::invalid(
+            "dimensions",
+            format!(
+                "model {} produces {} dimensions",
+                req.model,
+                embedder.dimension()
+            ),
+        ));
+    }
+    let texts = inputs(req.input)?;
+    let _slot = inf.admission.admit().await?;
+    let (vectors, tokens) = tokio::task::spawn_blocking(move || {
+        let embedder = model.as_embedder().ok_or(runtime::Error::EmptyPrompt)?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let tokens: usize = embedder.token_counts(&refs)?.iter().sum();
+        embedder.embed(&refs).map(|v| (v, tokens))
+    })
+    .await
+    .map_err(|e| {
+        ApiError::from_runtime(runtime::Error::WorkersStopped {
+            model: e.to_string(),
+        })
+    })?
+    .map_err(ApiError::from_runtime)?;
+    Ok(Json(EmbeddingResponse {
+        object: "list".into(),
+        data: vectors
+            .into_iter()
+            .enumerate()
+            .map(|(index, v)| Embedding {
+                object: "embedding".into(),
+                index,
+                embedding: if base64 {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    EmbeddingVector::Float(v)
+                },
+            })
+            .collect(),
+        model: req.model,
+        usage: EmbeddingUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    }))
+}
+
+async fn classify(
+    State(inf): State<Arc<Inference>>,
+    OpenAiJson(req): OpenAiJson<ClassifyRequest>,
+) -> Result<Json<ClassifyResponse>, ApiError> {
+    let model = Arc::clone(inf.model(&req.model)?);
+    if model.as_classifier().is_none() {
+        return Err(Inference::wrong_kind(&req.model, "a classifier"));
+    }
+    let texts = inputs(req.input)?;
+    let _slot = inf.admission.admit().await?;
+    let (labels, predictions) = tokio::task::spawn_blocking(move || {
+        let c = model.as_classifier().ok_or(runtime::Error::EmptyPrompt)?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        c.classify(&refs).map(|p| (c.labels().to_vec(), p))
+    })
+    .await
+    .map_err(|e| {
+        ApiError::from_runtime(runtime::Error::WorkersStopped {
+            model: e.to_string(),
+        })
+    })?
+    .map_err(ApiError::from_runtime)?;
+    Ok(Json(ClassifyResponse {
+        model: req.model,
+        data: predictions
+            .into_iter()
+            .enumerate()
+            .map(|(index, p)| {
+                let mut sorted = p.probabilities.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let margin =
+                    sorted.first().copied().unwrap_or(0.0) - sorted.get(1).copied().unwrap_or(0.0);
+                Classification {
+                    index,
+                    label: p.label,
+                    confidence: p.confidence,
+                    margin,
+                    probabilities: labels.iter().cloned().zip(p.probabilities).collect(),
+                }
+            })
+            .collect(),
+    }))
+}
+
+async fn anomaly(
+    State(inf): State<Arc<Inference>>,
+    OpenAiJson(req): OpenAiJson<AnomalyRequest>,
+) -> Result<Json<AnomalyResponse>, ApiError> {
+    let model = Arc::clone(inf.model(&req.model)?);
+    let scorer = model
+        .as_anomaly_scorer()
+        .ok_or_else(|| Inference::wrong_kind(&req.model, "an anomaly detector"))?;
+    if req.readings.is_empty() || req.readings.len() > 100_000 {
+        return Err(ApiError::invalid(
+            "readings",
+            "between 1 and 100000 readings per request",
+        ));
+    }
+    let n = scorer.n_features();
+    if let Some((i, r)) = req
+        .readings
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.len() != n || r.iter().any(|x| !x.is_finite()))
+    {
+        return Err(ApiError::invalid(
+            "readings",
+            format!(
+                "reading {i} must have {n} finite numbers, got {} values",
+                r.len()
+            ),
+        ));
+    }
+    let mut data = Vec::with_capacity(req.readings.len());
+    for (index, r) in req.readings.iter().enumerate() {
+        let score = scorer.score_and_learn(r).map_err(ApiError::from_runtime)?;
+        data.push(AnomalyScore { index, score });
+    }
+    Ok(Json(AnomalyResponse {
+        model: req.model,
+        data,
+    }))
+}
