@@ -7,6 +7,7 @@
 
 mod cmd_edge;
 mod cmd_hub;
+mod cmd_model;
 mod demo;
 mod output;
 
@@ -34,6 +35,9 @@ enum Command {
     /// Join a hub, or run the agent on this device.
     #[command(subcommand)]
     Edge(cmd_edge::EdgeCommand),
+    /// Build and inspect models.
+    #[command(subcommand)]
+    Model(cmd_model::ModelCommand),
     /// Start a hub and a simulated fleet of real agents on this machine and
     /// show the fleet live.
     Demo(demo::DemoArgs),
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Hub(args) => cmd_hub::run(args).await,
             Command::Edge(cmd) => cmd_edge::run(cmd).await,
+            Command::Model(cmd) => cmd_model::run(cmd).await,
             Command::Demo(args) => demo::run(args).await,
         }
     });

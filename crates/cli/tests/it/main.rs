@@ -5,5 +5,6 @@ mod api_errors;
 mod demo;
 mod enrolment;
 mod identity;
+mod inference;
 mod resilience;
 mod support;

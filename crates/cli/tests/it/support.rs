@@ -243,21 +243,45 @@ impl Agent {
 
     /// Starts an already enrolled agent.
     pub async fn start(dir: PathBuf) -> Self {
+        Self::start_with(dir, None).await
+    }
+
+    /// Joins and starts an agent with a configuration file.
+    pub async fn enrol_with_config(hub: &Hub, dir: PathBuf, config: &Path) -> Self {
+        let out = join(&hub.token(&["site=test"]), &dir);
+        assert!(
+            out.status.success(),
+            "join failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self::start_with(dir, Some(config)).await
+    }
+
+    /// Starts an already enrolled agent, optionally with a configuration file.
+    pub async fn start_with(dir: PathBuf, config: Option<&Path>) -> Self {
         let addr_file = dir.join("local-api.addr");
         let _ = std::fs::remove_file(&addr_file);
-        let child = Command::new(STRATA)
-            .args(["edge", "run", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&dir)
+        let mut cmd = Command::new(STRATA);
+        cmd.args(["edge", "run", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir);
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        let child = cmd
             .env("STRATA_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let local = wait_for("the agent's local API", Duration::from_secs(30), || async {
-            std::fs::read_to_string(&addr_file)
-                .ok()
-                .map(|s| format!("http://{}", s.trim()))
-        })
+        let local = wait_for(
+            "the agent's local API",
+            Duration::from_secs(120),
+            || async {
+                std::fs::read_to_string(&addr_file)
+                    .ok()
+                    .map(|s| format!("http://{}", s.trim()))
+            },
+        )
         .await;
         Self {
             dir,
@@ -307,4 +331,21 @@ pub async fn problem(r: reqwest::Response) -> (u16, protocol::Problem) {
         .unwrap_or_default();
     assert_eq!(ct, protocol::PROBLEM_CONTENT_TYPE, "status {status}");
     (status, r.json().await.unwrap())
+}
+
+/// The directory of the real models and data sets (`scripts/fetch-assets`).
+pub fn assets() -> PathBuf {
+    let dir = std::env::var_os("STRATA_ASSETS").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/strata/assets")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        dir.join("smollm2-135m-instruct").is_dir(),
+        "model assets missing in {}: run scripts/fetch-assets",
+        dir.display()
+    );
+    dir
 }

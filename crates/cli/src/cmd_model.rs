@@ -1,0 +1,139 @@
+//! `strata model …`: building and inspecting models.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use indicatif::ProgressBar;
+
+use crate::output::out;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ModelCommand {
+    /// Train the intent classifier head from the Home Assistant intents.
+    ///
+    /// Expands the intent templates with their slot values into sentences,
+    /// keeps a deterministic held-out split, embeds the sentences with the
+    /// sentence-embedding model, trains a one-hidden-layer MLP head and
+    /// reports its accuracy on the held-out split. The head is written as
+    /// safetensors with its label list in the metadata.
+    TrainIntents(TrainIntentsArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TrainIntentsArgs {
+    /// The Home Assistant intents file (`en.json`); default: from the assets.
+    #[arg(long)]
+    intents: Option<PathBuf>,
+    /// The embedding model directory (model.safetensors, tokenizer.json,
+    /// config.json); default: all-MiniLM-L6-v2 from the assets.
+    #[arg(long)]
+    embedding_model: Option<PathBuf>,
+    /// Where to write the head (`.safetensors`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Fraction of sentences held out for evaluation.
+    #[arg(long, default_value_t = 0.2)]
+    held_out: f64,
+    /// Hidden units; 0 trains softmax regression.
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 40)]
+    epochs: usize,
+    /// Seed for initialisation and shuffling.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+/// The directory holding the real models and data sets (`scripts/fetch-assets`).
+pub(crate) fn assets_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STRATA_ASSETS") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("strata").join("assets")
+}
+
+/// Trains an intent head and returns its held-out accuracy.
+pub(crate) fn train_intents(args: &TrainIntentsArgs) -> anyhow::Result<f64> {
+    let assets = assets_dir();
+    let intents = args
+        .intents
+        .clone()
+        .unwrap_or_else(|| assets.join("home-assistant-intents").join("en.json"));
+    let model_dir = args
+        .embedding_model
+        .clone()
+        .unwrap_or_else(|| assets.join("all-minilm-l6-v2"));
+    if !(0.05..=0.5).contains(&args.held_out) {
+        bail!(
+            "--held-out must be between 0.05 and 0.5, got {}",
+            args.held_out
+        );
+    }
+    let spinner = ProgressBar::new_spinner();
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    spinner.set_message(format!("expanding intents from {}", intents.display()));
+    let dataset = runtime::intents::load(&intents, &runtime::intents::ExpansionOptions::default())
+        .with_context(|| {
+            format!(
+                "reading intents from {} (run scripts/fetch-assets)",
+                intents.display()
+            )
+        })?;
+    spinner.set_message(format!(
+        "loading the embedding model from {}",
+        model_dir.display()
+    ));
+    let embedder = runtime::Embedder::load(
+        "embedding",
+        &runtime::EmbeddingFiles::in_dir(&model_dir),
+        &runtime::EmbeddingConfig::default(),
+    )
+    .with_context(|| format!("loading the embedding model from {}", model_dir.display()))?;
+    spinner.set_message(format!(
+        "embedding {} sentences of {} intents and training",
+        dataset.examples.len(),
+        dataset.intents.len()
+    ));
+    let start = Instant::now();
+    let config = runtime::TrainConfig {
+        hidden: args.hidden,
+        epochs: args.epochs,
+        seed: args.seed,
+        ..runtime::TrainConfig::default()
+    };
+    let eval = runtime::intents::train_and_evaluate(&embedder, &dataset, args.held_out, &config)?;
+    spinner.finish_and_clear();
+    if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    eval.head
+        .save(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    out(&format!(
+        "Trained an intent head on {} sentences ({} intents) in {:.1}s: held-out accuracy {:.3} on {} sentences (train {:.3}). Wrote {}",
+        eval.n_train,
+        dataset.intents.len(),
+        start.elapsed().as_secs_f64(),
+        eval.held_out_accuracy,
+        eval.n_held_out,
+        eval.train_accuracy,
+        args.out.display()
+    ));
+    Ok(eval.held_out_accuracy)
+}
+
+pub(crate) async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
+    match cmd {
+        ModelCommand::TrainIntents(args) => {
+            tokio::task::spawn_blocking(move || train_intents(&args)).await??;
+            Ok(())
+        }
+    }
+}
