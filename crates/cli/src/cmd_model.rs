@@ -47,6 +47,21 @@ pub(crate) struct TrainIntentsArgs {
     seed: u64,
 }
 
+impl TrainIntentsArgs {
+    /// Defaults, writing the head to `out`.
+    pub(crate) fn for_demo(out: PathBuf) -> Self {
+        Self {
+            intents: None,
+            embedding_model: None,
+            out,
+            held_out: 0.2,
+            hidden: 128,
+            epochs: 40,
+            seed: 42,
+        }
+    }
+}
+
 /// The directory holding the real models and data sets (`scripts/fetch-assets`).
 pub(crate) fn assets_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("STRATA_ASSETS") {

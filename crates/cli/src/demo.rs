@@ -34,6 +34,9 @@ pub(crate) struct DemoArgs {
     /// Stop after this long (e.g. 30s) instead of running until ctrl-c.
     #[arg(long)]
     duration: Option<humantime::Duration>,
+    /// Run the fleet without models (no inference act).
+    #[arg(long)]
+    no_models: bool,
 }
 
 /// A running child process of the demo, killed when dropped.
@@ -186,8 +189,14 @@ impl Fleet {
         Ok(response.json().await?)
     }
 
-    /// Enrols `count` devices across `sites` sites and starts their agents.
-    async fn enrol(&mut self, count: u16, sites: u16) -> anyhow::Result<()> {
+    /// Enrols `count` devices across `sites` sites and starts their agents,
+    /// each with the edge configuration `edge_config` if given.
+    async fn enrol(
+        &mut self,
+        count: u16,
+        sites: u16,
+        edge_config: Option<&Path>,
+    ) -> anyhow::Result<()> {
         let bar = ProgressBar::new(u64::from(count)).with_style(
             ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -214,18 +223,20 @@ impl Fleet {
             if !status.success() {
                 bail!("{name} failed to join the hub");
             }
-            let proc = Proc::spawn(
-                &name,
-                &[
-                    "edge",
-                    "run",
-                    "--data-dir",
-                    &data_dir.display().to_string(),
-                    "--listen",
-                    "127.0.0.1:0",
-                ],
-                &self.logs(),
-            )?;
+            let data_arg = data_dir.display().to_string();
+            let mut args = vec![
+                "edge",
+                "run",
+                "--data-dir",
+                &data_arg,
+                "--listen",
+                "127.0.0.1:0",
+            ];
+            let config_arg = edge_config.map(|p| p.display().to_string());
+            if let Some(config) = &config_arg {
+                args.extend(["--config", config]);
+            }
+            let proc = Proc::spawn(&name, &args, &self.logs())?;
             self.devices.push(DemoDevice {
                 data_dir,
                 site,
@@ -247,6 +258,24 @@ impl Fleet {
             }
             if Instant::now() > deadline {
                 bail!("not every device came online within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The local API URL of a device, once its agent has started.
+    async fn local_api(&self, device: &DemoDevice, within: Duration) -> anyhow::Result<String> {
+        let file = device.data_dir.join("local-api.addr");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&file) {
+                return Ok(format!("http://{}", addr.trim()));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not start its local API within {within:?}",
+                    device.site
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -319,8 +348,15 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// The demo's acts, in order. Each later capability adds its act here.
 async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
     out(&format!("Hub up at {}", fleet.hub_url));
-    fleet.enrol(args.devices, args.sites).await?;
-    fleet.wait_online(Duration::from_secs(60)).await?;
+    let edge_config = if args.no_models {
+        None
+    } else {
+        Some(prepare_models(&fleet.dir).await?)
+    };
+    fleet
+        .enrol(args.devices, args.sites, edge_config.as_deref())
+        .await?;
+    fleet.wait_online(Duration::from_secs(120)).await?;
     let sites: std::collections::BTreeSet<&str> =
         fleet.devices.iter().map(|d| d.site.as_str()).collect();
     out(&format!(
@@ -351,7 +387,179 @@ async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
         ));
     }
     out("");
+    if edge_config.is_some() {
+        ask_devices(fleet).await?;
+        out("");
+    }
     watch(fleet, args.duration.map(Into::into)).await
+}
+
+/// Trains the intent head (once, cached beside the assets) and writes the
+/// edge configuration every demo device serves its models from.
+async fn prepare_models(dir: &Path) -> anyhow::Result<PathBuf> {
+    let assets = crate::cmd_model::assets_dir();
+    let gguf = assets.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let minilm = assets.join("all-minilm-l6-v2");
+    if !gguf.exists() || !minilm.join("model.safetensors").exists() {
+        bail!(
+            "model assets not found in {}: run scripts/fetch-assets (or pass --no-models)",
+            assets.display()
+        );
+    }
+    let head = assets
+        .parent()
+        .unwrap_or(&assets)
+        .join("derived")
+        .join("intents-head.safetensors");
+    if !head.exists() {
+        out("Training the intent classifier head (once)…");
+        let args = crate::cmd_model::TrainIntentsArgs::for_demo(head.clone());
+        tokio::task::spawn_blocking(move || crate::cmd_model::train_intents(&args)).await??;
+    }
+    let config = dir.join("edge.toml");
+    let text = format!(
+        r#"# Written by strata demo: the models every demo device serves.
+[inference]
+max_concurrent = 2
+
+[[models]]
+id = "smollm2"
+kind = "llm"
+path = {gguf:?}
+threads = 1
+context_length = 1024
+
+[[models]]
+id = "minilm"
+kind = "embedding"
+path = {minilm:?}
+
+[[models]]
+id = "intents"
+kind = "classifier"
+path = {head:?}
+embedding_model = "minilm"
+
+[[models]]
+id = "sensors"
+kind = "anomaly"
+n_features = 9
+"#,
+        gguf = gguf.display().to_string(),
+        minilm = minilm.display().to_string(),
+        head = head.display().to_string(),
+    );
+    std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+    Ok(config)
+}
+
+/// Sends each kind of request to a device of each site and shows the answers.
+async fn ask_devices(fleet: &Fleet) -> anyhow::Result<()> {
+    use protocol::openai::{AnomalyResponse, ChatCompletion, ClassifyResponse};
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let shuttle = runtime::anomaly::load_shuttle(
+        &crate::cmd_model::assets_dir().join("river/shuttle.csv.gz"),
+    )
+    .context("reading the shuttle sensor data (run scripts/fetch-assets)")?;
+    let mut seen_sites = std::collections::BTreeSet::new();
+    for device in &fleet.devices {
+        if !seen_sites.insert(device.site.clone()) {
+            continue;
+        }
+        let url = fleet.local_api(device, Duration::from_secs(60)).await?;
+        out(&format!(
+            "Asking a device at {} (local API {url}):",
+            device.site
+        ));
+
+        let start = Instant::now();
+        let chat: ChatCompletion = client
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&serde_json::json!({
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "temperature": 0, "max_tokens": 32,
+            }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        out(&format!(
+            "  chat      {:>5} ms  {:?} (confidence {:.2}, {:.0} tok/s)",
+            start.elapsed().as_millis(),
+            chat.choices
+                .first()
+                .map_or("", |c| c.message.content.as_str()),
+            chat.strata.mean_logprob.map_or(0.0, f32::exp),
+            chat.strata.decode_tokens_per_s,
+        ));
+
+        let start = Instant::now();
+        let intents: ClassifyResponse = client
+            .post(format!("{url}/v1/classify"))
+            .json(&serde_json::json!({
+                "model": "intents",
+                "input": ["turn off the lights in the kitchen", "set a timer for ten minutes"],
+            }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let labels: Vec<String> = intents
+            .data
+            .iter()
+            .map(|c| format!("{} ({:.2})", c.label, c.confidence))
+            .collect();
+        out(&format!(
+            "  intents   {:>5} ms  {}",
+            start.elapsed().as_millis(),
+            labels.join(", ")
+        ));
+
+        // Stream sensor readings: the first 1,000 to learn what normal looks
+        // like, then score a normal and an anomalous reading.
+        let normal = shuttle
+            .labels
+            .iter()
+            .skip(1000)
+            .position(|l| !l)
+            .map(|i| i + 1000);
+        let anomalous = shuttle
+            .labels
+            .iter()
+            .skip(1000)
+            .position(|l| *l)
+            .map(|i| i + 1000);
+        if let (Some(n), Some(a)) = (normal, anomalous) {
+            let mut readings: Vec<&Vec<f64>> = shuttle.readings.iter().take(1000).collect();
+            readings.push(&shuttle.readings[n]);
+            readings.push(&shuttle.readings[a]);
+            let start = Instant::now();
+            let scores: AnomalyResponse = client
+                .post(format!("{url}/v1/anomaly"))
+                .json(&serde_json::json!({"model": "sensors", "readings": readings}))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let k = scores.data.len();
+            if k >= 2 {
+                out(&format!(
+                    "  sensors   {:>5} ms  {} readings; normal reading scores {:.2}, anomalous {:.2}",
+                    start.elapsed().as_millis(),
+                    k,
+                    scores.data[k - 2].score,
+                    scores.data[k - 1].score
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Shows the fleet live until ctrl-c or the duration ends.

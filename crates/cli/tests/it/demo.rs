@@ -1,4 +1,5 @@
-//! `strata demo` on its defaults brings up a hub and 8 devices across 2 sites.
+//! `strata demo` on its defaults brings up a hub and 8 devices across 2
+//! sites, each serving real models.
 
 use std::process::Command;
 
@@ -25,6 +26,15 @@ fn the_demo_enrols_its_fleet_and_shows_it_online() {
     );
     assert!(stdout.contains("8/8 devices online"), "{stdout}");
     assert!(stdout.contains("site-1") && stdout.contains("site-2"));
+    // Devices of both sites answer with their local models.
+    assert_eq!(
+        stdout
+            .matches("\"The capital of France is Paris.\"")
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("HassTurnOff").count(), 2, "{stdout}");
     // Each device has its own identity.
     let certs: std::collections::BTreeSet<Vec<u8>> = std::fs::read_dir(tmp.path().join("devices"))
         .unwrap()
