@@ -176,8 +176,13 @@ mod tests {
     #[test]
     fn the_documented_example_parses() {
         let text = include_str!("../../../docs/examples/edge.toml");
-        let config = RawConfig::from_toml(text).unwrap().validate().unwrap();
+        let config = RawConfig::from_toml(text)
+            .unwrap()
+            .validate_in(std::path::Path::new("/etc/strata"))
+            .unwrap();
         assert_eq!(config.local_api_listen.port(), 7070);
+        assert_eq!(config.catalogue.entries.len(), 4);
+        assert_eq!(config.max_queued, 16);
         assert_eq!(config.reconnect_max, Duration::from_secs(5));
     }
 
