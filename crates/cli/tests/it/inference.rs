@@ -361,3 +361,52 @@ async fn a_saturated_agent_answers_429_with_retry_after() {
     })
     .await;
 }
+
+/// The Python interpreter of the peers' virtual environment (`scripts/build-peers`).
+fn peers_python() -> PathBuf {
+    let peers = std::env::var_os("STRATA_PEERS").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/strata/peers")
+        },
+        PathBuf::from,
+    );
+    let python = peers.join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/build-peers (it installs the openai client)",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_openai_client_talks_to_the_local_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start(tmp.path()).await;
+    let models = format!(
+        "[[models]]\nid = \"smollm2\"\nkind = \"llm\"\npath = \"{}\"\n\n[[models]]\nid = \"minilm\"\nkind = \"embedding\"\npath = \"{}\"\n",
+        smollm2().display(),
+        assets().join("all-minilm-l6-v2").display()
+    );
+    let cfg = config(tmp.path(), "", &models);
+    let agent = Agent::enrol_with_config(&hub, tmp.path().join("a"), &cfg).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    let local = format!("{}/v1", agent.local);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(peers_python())
+            .arg(script)
+            .arg(local)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+}
