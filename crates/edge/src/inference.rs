@@ -565,18 +565,7 @@ async fn chat(
         );
     }
 
-    let slot = inf.admission.admit().await?;
-    let queued = slot.queued_for;
-    let (tx, mut rx) = mpsc::channel(64);
-    let handle = spawn_generation(Arc::clone(&model), request, tx);
-    while rx.recv().await.is_some() {}
-    let mut generation = handle.await.map_err(|e| {
-        ApiError::from_runtime(runtime::Error::WorkersStopped {
-            model: e.to_string(),
-        })
-    })??;
-    drop(slot);
-    generation.timings.queue_ms += queued.as_secs_f64() * 1000.0;
+    let generation = generate_whole(&inf, model, request).await?;
     let g = generator(&inf, &model_id)?;
     Ok(Json(ChatCompletion {
         id,
@@ -602,6 +591,26 @@ async fn chat(
         strata: timings(&generation),
     })
     .into_response())
+}
+
+/// Runs a generation to its end within an admission slot (non-streaming
+/// responses), counting the wait for the slot as queue time.
+async fn generate_whole(
+    inf: &Inference,
+    model: Arc<dyn ModelBackend>,
+    request: GenerationRequest,
+) -> Result<Generation, ApiError> {
+    let slot = inf.admission.admit().await?;
+    let (tx, mut rx) = mpsc::channel(64);
+    let handle = spawn_generation(model, request, tx);
+    while rx.recv().await.is_some() {}
+    let mut generation = handle.await.map_err(|e| {
+        ApiError::from_runtime(runtime::Error::WorkersStopped {
+            model: e.to_string(),
+        })
+    })??;
+    generation.timings.queue_ms += slot.queued_for.as_secs_f64() * 1000.0;
+    Ok(generation)
 }
 
 /// What a streaming response is made of.
@@ -793,18 +802,7 @@ async fn completions(
         .await);
     }
 
-    let slot = inf.admission.admit().await?;
-    let queued = slot.queued_for;
-    let (tx, mut rx) = mpsc::channel(64);
-    let handle = spawn_generation(Arc::clone(&model), request, tx);
-    while rx.recv().await.is_some() {}
-    let mut generation = handle.await.map_err(|e| {
-        ApiError::from_runtime(runtime::Error::WorkersStopped {
-            model: e.to_string(),
-        })
-    })??;
-    drop(slot);
-    generation.timings.queue_ms += queued.as_secs_f64() * 1000.0;
+    let generation = generate_whole(&inf, model, request).await?;
     let g = generator(&inf, &model_id)?;
     Ok(Json(Completion {
         id,
