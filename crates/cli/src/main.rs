@@ -5,6 +5,7 @@
 //! This crate owns the command line, configuration files, logging and exit
 //! codes; the behaviour lives in the `hub` and `edge` crates.
 
+mod bench;
 mod cmd_edge;
 mod cmd_hub;
 mod cmd_model;
@@ -41,6 +42,9 @@ enum Command {
     /// Start a hub and a simulated fleet of real agents on this machine and
     /// show the fleet live.
     Demo(demo::DemoArgs),
+    /// Measure Strata side by side with the engines the field uses.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// An error the user can act on, reported as one line and exit code 1.
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
             Command::Edge(cmd) => cmd_edge::run(cmd).await,
             Command::Model(cmd) => cmd_model::run(cmd).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(cmd) => bench::run(cmd).await,
         }
     });
     match result {
