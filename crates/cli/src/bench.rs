@@ -22,7 +22,7 @@ mod embed;
 mod http;
 mod llm;
 mod report;
-mod setup;
+pub(crate) mod setup;
 
 use std::path::PathBuf;
 use std::time::Duration;

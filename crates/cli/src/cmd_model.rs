@@ -64,14 +64,9 @@ impl TrainIntentsArgs {
 
 /// The directory holding the real models and data sets (`scripts/fetch-assets`).
 pub(crate) fn assets_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("STRATA_ASSETS") {
-        return PathBuf::from(dir);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache.join("strata").join("assets")
+    std::env::var_os("STRATA_ASSETS")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| crate::bench::setup::cache_dir("assets"), PathBuf::from)
 }
 
 /// Trains an intent head and returns its held-out accuracy.

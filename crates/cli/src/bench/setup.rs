@@ -57,7 +57,7 @@ pub(crate) struct Versions {
 
 /// `$XDG_CACHE_HOME/strata/<name>`, else `~/.cache/strata/<name>`: where
 /// `scripts/fetch-assets` and `scripts/build-peers` put things.
-fn cache_dir(name: &str) -> PathBuf {
+pub(crate) fn cache_dir(name: &str) -> PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
