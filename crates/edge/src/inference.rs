@@ -593,6 +593,28 @@ async fn chat(
     .into_response())
 }
 
+/// A blocking task that died (it panicked or the runtime is shutting down).
+fn task_failed(e: tokio::task::JoinError) -> ApiError {
+    tracing::error!(error = %e, "inference task failed");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "inference_failed",
+        "the inference task failed; see the agent's log",
+    )
+}
+
+/// Runs model work on a blocking thread, off the async executor.
+async fn blocking<T, F>(work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(task_failed)?
+}
+
 /// Runs a generation to its end within an admission slot (non-streaming
 /// responses), counting the wait for the slot as queue time.
 async fn generate_whole(
@@ -604,11 +626,7 @@ async fn generate_whole(
     let (tx, mut rx) = mpsc::channel(64);
     let handle = spawn_generation(model, request, tx);
     while rx.recv().await.is_some() {}
-    let mut generation = handle.await.map_err(|e| {
-        ApiError::from_runtime(runtime::Error::WorkersStopped {
-            model: e.to_string(),
-        })
-    })??;
+    let mut generation = handle.await.map_err(task_failed)??;
     generation.timings.queue_ms += slot.queued_for.as_secs_f64() * 1000.0;
     Ok(generation)
 }
@@ -873,19 +891,21 @@ async fn embeddings(
     }
     let texts = inputs(req.input)?;
     let _slot = inf.admission.admit().await?;
-    let (vectors, tokens) = tokio::task::spawn_blocking(move || {
-        let embedder = model.as_embedder().ok_or(runtime::Error::EmptyPrompt)?;
+    let id = req.model.clone();
+    let (vectors, tokens) = blocking(move || {
+        let embedder = model
+            .as_embedder()
+            .ok_or_else(|| Inference::wrong_kind(&id, "an embedding model"))?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let tokens: usize = embedder.token_counts(&refs)?.iter().sum();
-        embedder.embed(&refs).map(|v| (v, tokens))
+        let tokens: usize = embedder
+            .token_counts(&refs)
+            .map_err(ApiError::from_runtime)?
+            .iter()
+            .sum();
+        let vectors = embedder.embed(&refs).map_err(ApiError::from_runtime)?;
+        Ok((vectors, tokens))
     })
-    .await
-    .map_err(|e| {
-        ApiError::from_runtime(runtime::Error::WorkersStopped {
-            model: e.to_string(),
-        })
-    })?
-    .map_err(ApiError::from_runtime)?;
+    .await?;
     Ok(Json(EmbeddingResponse {
         object: "list".into(),
         data: vectors
@@ -920,18 +940,16 @@ async fn classify(
     }
     let texts = inputs(req.input)?;
     let _slot = inf.admission.admit().await?;
-    let (labels, predictions) = tokio::task::spawn_blocking(move || {
-        let c = model.as_classifier().ok_or(runtime::Error::EmptyPrompt)?;
+    let id = req.model.clone();
+    let (labels, predictions) = blocking(move || {
+        let c = model
+            .as_classifier()
+            .ok_or_else(|| Inference::wrong_kind(&id, "a classifier"))?;
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        c.classify(&refs).map(|p| (c.labels().to_vec(), p))
+        let predictions = c.classify(&refs).map_err(ApiError::from_runtime)?;
+        Ok((c.labels().to_vec(), predictions))
     })
-    .await
-    .map_err(|e| {
-        ApiError::from_runtime(runtime::Error::WorkersStopped {
-            model: e.to_string(),
-        })
-    })?
-    .map_err(ApiError::from_runtime)?;
+    .await?;
     Ok(Json(ClassifyResponse {
         model: req.model,
         data: predictions
