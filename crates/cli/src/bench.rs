@@ -15,11 +15,13 @@
 //! `scripts/fetch-assets`; [`setup`] finds them and says which script to run
 //! when one is missing. [`report`] prints the table and writes the JSON.
 //! `strata bench anomaly` ([`anomaly`]) compares the streaming anomaly
-//! detector with river's on the shuttle stream.
+//! detector with river's on the shuttle stream. `strata bench insights`
+//! ([`insights`]) measures the outbox and the hub's insight store.
 
 mod anomaly;
 mod embed;
 mod http;
+mod insights;
 mod llm;
 mod report;
 pub(crate) mod setup;
@@ -54,6 +56,10 @@ pub(crate) enum BenchCommand {
     /// second. Needs the data (`scripts/fetch-assets`) and the peers' Python
     /// environment (`scripts/build-peers`).
     Anomaly(anomaly::AnomalyArgs),
+    /// The device outbox and the hub's insight store: durable appends per
+    /// second (group commit), hub ingest per second on SQLite, and the disk
+    /// and memory each takes per million insights. Needs nothing installed.
+    Insights(insights::InsightsArgs),
     /// Internal: Strata's side of the LLM benchmark, run as a child process
     /// as llama-bench is.
     #[command(hide = true)]
@@ -93,7 +99,7 @@ pub(crate) struct RuntimeArgs {
     #[arg(long)]
     peer_scripts: Option<PathBuf>,
     /// CPU threads for every engine: llama.cpp's -t, Strata's LLM threads,
-    /// candle's thread pools (RAYON_NUM_THREADS, CANDLE_NUM_THREADS) and the
+    /// the embedding encoder's threads and the
     /// peers' BLAS/ONNX Runtime threads (OMP_NUM_THREADS and kin).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: u32,
@@ -150,6 +156,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Runtime(args) => runtime_bench(args).await,
         BenchCommand::Anomaly(args) => anomaly::run(args).await,
+        BenchCommand::Insights(args) => insights::run(args).await,
         BenchCommand::LlmWorker(args) => llm::worker(args).await,
         BenchCommand::EmbedWorker(args) => embed::worker(args).await,
     }

@@ -42,6 +42,11 @@ pub(crate) struct RunArgs {
     /// Address of the local API (default 127.0.0.1:7070; port 0 picks one).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Reach the hub at this URL instead of the one in the join token (a
+    /// relay, or a hub that moved). Its certificate is still checked
+    /// against the hub CA.
+    #[arg(long)]
+    hub_url: Option<String>,
 }
 
 pub(crate) async fn run(cmd: EdgeCommand) -> anyhow::Result<()> {
@@ -61,6 +66,9 @@ pub(crate) async fn run(cmd: EdgeCommand) -> anyhow::Result<()> {
             };
             if args.data_dir.is_some() {
                 raw.data_dir = args.data_dir;
+            }
+            if args.hub_url.is_some() {
+                raw.hub.url = args.hub_url;
             }
             if args.listen.is_some() {
                 raw.local_api.listen = args.listen;

@@ -17,6 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use protocol::{CreateTokenRequest, CreateTokenResponse, DeviceList, Labels};
 use tokio::process::{Child, Command};
 
+use netfault::FaultProxy;
+
 use crate::output::out;
 
 #[derive(Debug, Args)]
@@ -87,6 +89,8 @@ pub(crate) struct Fleet {
     operator_token: String,
     client: reqwest::Client,
     pub devices: Vec<DemoDevice>,
+    /// Each site's uplink to the hub: a proxy the demo can cut.
+    uplinks: std::collections::BTreeMap<String, FaultProxy>,
 }
 
 impl Fleet {
@@ -154,6 +158,7 @@ impl Fleet {
             operator_token,
             client,
             devices: Vec::new(),
+            uplinks: std::collections::BTreeMap::new(),
         })
     }
 
@@ -189,14 +194,34 @@ impl Fleet {
         Ok(response.json().await?)
     }
 
-    /// Enrols `count` devices across `sites` sites and starts their agents,
-    /// each with the edge configuration `edge_config` if given.
-    async fn enrol(
-        &mut self,
-        count: u16,
-        sites: u16,
-        edge_config: Option<&Path>,
-    ) -> anyhow::Result<()> {
+    /// Enrols `count` devices across `sites` sites and starts their agents.
+    /// Each site reaches the hub through its own uplink (a proxy the demo
+    /// can cut); `models` is the `[[models]]` part of the edge configuration.
+    async fn enrol(&mut self, count: u16, sites: u16, models: &str) -> anyhow::Result<()> {
+        let hub_addr: std::net::SocketAddr = self
+            .hub_url
+            .trim_start_matches("https://")
+            .parse()
+            .with_context(|| format!("reading the hub address from {}", self.hub_url))?;
+        let mut configs = std::collections::BTreeMap::new();
+        for s in 1..=sites {
+            let site = format!("site-{s}");
+            let uplink = FaultProxy::start(hub_addr)
+                .await
+                .context("starting a site uplink")?;
+            let config = self.dir.join(format!("edge-{site}.toml"));
+            let text = format!(
+                "# Written by strata demo: the configuration of every device of {site}.\n\
+                 [hub]\n# The site's uplink to the hub.\nurl = \"https://{}\"\nreconnect_max_ms = 2000\n\n\
+                 [inference]\nmax_concurrent = 2\n\n\
+                 [insights]\n# Short windows, so the demo shows insights within seconds.\nwindow_secs = 5\n\n{models}",
+                uplink.addr()
+            );
+            std::fs::write(&config, text)
+                .with_context(|| format!("writing {}", config.display()))?;
+            configs.insert(site.clone(), config);
+            self.uplinks.insert(site, uplink);
+        }
         let bar = ProgressBar::new(u64::from(count)).with_style(
             ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -232,10 +257,11 @@ impl Fleet {
                 "--listen",
                 "127.0.0.1:0",
             ];
-            let config_arg = edge_config.map(|p| p.display().to_string());
-            if let Some(config) = &config_arg {
-                args.extend(["--config", config]);
-            }
+            let config_arg = configs
+                .get(&site)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            args.extend(["--config", &config_arg]);
             let proc = Proc::spawn(&name, &args, &self.logs())?;
             self.devices.push(DemoDevice {
                 data_dir,
@@ -348,14 +374,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// The demo's acts, in order. Each later capability adds its act here.
 async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
     out(&format!("Hub up at {}", fleet.hub_url));
-    let edge_config = if args.no_models {
-        None
+    let models = if args.no_models {
+        String::new()
     } else {
-        Some(prepare_models(&fleet.dir).await?)
+        prepare_models().await?
     };
-    fleet
-        .enrol(args.devices, args.sites, edge_config.as_deref())
-        .await?;
+    fleet.enrol(args.devices, args.sites, &models).await?;
     fleet.wait_online(Duration::from_secs(120)).await?;
     let sites: std::collections::BTreeSet<&str> =
         fleet.devices.iter().map(|d| d.site.as_str()).collect();
@@ -387,16 +411,20 @@ async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
         ));
     }
     out("");
-    if edge_config.is_some() {
+    if !args.no_models {
         ask_devices(fleet).await?;
+        out("");
+    }
+    if args.sites >= 2 {
+        site_offline(fleet, !args.no_models).await?;
         out("");
     }
     watch(fleet, args.duration.map(Into::into)).await
 }
 
-/// Trains the intent head (once, cached beside the assets) and writes the
-/// edge configuration every demo device serves its models from.
-async fn prepare_models(dir: &Path) -> anyhow::Result<PathBuf> {
+/// Trains the intent head (once, cached beside the assets) and returns the
+/// `[[models]]` part of the edge configuration every demo device serves.
+async fn prepare_models() -> anyhow::Result<String> {
     let assets = crate::cmd_model::assets_dir();
     let gguf = assets.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
     let minilm = assets.join("all-minilm-l6-v2");
@@ -416,13 +444,8 @@ async fn prepare_models(dir: &Path) -> anyhow::Result<PathBuf> {
         let args = crate::cmd_model::TrainIntentsArgs::for_demo(head.clone());
         tokio::task::spawn_blocking(move || crate::cmd_model::train_intents(&args)).await??;
     }
-    let config = dir.join("edge.toml");
-    let text = format!(
-        r#"# Written by strata demo: the models every demo device serves.
-[inference]
-max_concurrent = 2
-
-[[models]]
+    Ok(format!(
+        r#"[[models]]
 id = "smollm2"
 kind = "llm"
 path = {gguf:?}
@@ -448,9 +471,7 @@ n_features = 9
         gguf = gguf.display().to_string(),
         minilm = minilm.display().to_string(),
         head = head.display().to_string(),
-    );
-    std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-    Ok(config)
+    ))
 }
 
 /// Sends each kind of request to a device of each site and shows the answers.
@@ -600,4 +621,177 @@ async fn watch(fleet: &Fleet, duration: Option<Duration>) -> anyhow::Result<()> 
             }
         }
     }
+}
+
+/// The status of a device's agent, from its local API.
+async fn agent_status(
+    client: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<protocol::AgentStatus> {
+    Ok(client
+        .get(format!("{url}/v1/status"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// Number of insights the hub holds from a device.
+async fn insights_on_hub(fleet: &Fleet, device: &str) -> anyhow::Result<u64> {
+    let mut total = 0;
+    let mut after = 0i64;
+    loop {
+        let page: protocol::insight::InsightList = fleet
+            .client
+            .get(format!("{}/v1/insights", fleet.hub_url))
+            .bearer_auth(&fleet.operator_token)
+            .query(&[
+                ("device", device.to_owned()),
+                ("limit", "5000".to_owned()),
+                ("after", after.to_string()),
+            ])
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        total += page.insights.len() as u64;
+        match page.next_after {
+            Some(a) => after = a,
+            None => return Ok(total),
+        }
+    }
+}
+
+/// Act: the last site loses its uplink. Its devices keep answering and
+/// keep their insights on disk; when the link returns they catch up, and
+/// the hub's counts match what the devices produced.
+async fn site_offline(fleet: &Fleet, models: bool) -> anyhow::Result<()> {
+    let Some((site, uplink)) = fleet.uplinks.iter().next_back() else {
+        return Ok(());
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let devices: Vec<&DemoDevice> = fleet.devices.iter().filter(|d| &d.site == site).collect();
+    let mut urls = Vec::new();
+    for d in &devices {
+        urls.push(fleet.local_api(d, Duration::from_secs(60)).await?);
+    }
+
+    out(&format!("{site} loses its uplink to the hub."));
+    uplink.cut();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = fleet.devices_on_hub().await?;
+        let online = list
+            .devices
+            .iter()
+            .filter(|d| d.labels.get("site") == Some(site) && d.online)
+            .count();
+        if online == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the hub still sees {online} devices of {site} online");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    out(&format!(
+        "  the hub sees {} devices of {site} offline; they keep working:",
+        devices.len()
+    ));
+
+    // Work while offline: intents classified on the device (or, without
+    // models, insights an application on the device reports), until every
+    // device holds undelivered insights.
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut requests = 0u64;
+    let utterances = [
+        "turn on the kitchen lights",
+        "switch off the fan in the bedroom",
+        "what is the temperature in the living room",
+        "open the garage door",
+    ];
+    while Instant::now() < until {
+        for url in &urls {
+            if models {
+                client
+                    .post(format!("{url}/v1/classify"))
+                    .json(&serde_json::json!({"model": "intents", "input": utterances}))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            } else {
+                let now =
+                    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+                client
+                    .post(format!("{url}/v1/insights"))
+                    .json(&serde_json::json!({
+                        "kind": "door_opened", "series": "garage", "priority": "insight",
+                        "start_ms": now, "value": 1.0
+                    }))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            }
+            requests += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        let mut all = true;
+        let mut held = 0;
+        for url in &urls {
+            let pending = agent_status(&client, url)
+                .await?
+                .outbox
+                .map_or(0, |o| o.pending);
+            held += pending;
+            all &= pending > 0;
+        }
+        if all {
+            break held;
+        }
+        if Instant::now() > deadline {
+            bail!("the devices of {site} did not keep insights while offline");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    out(&format!(
+        "  {requests} requests answered on the devices; {held} insights kept in their outboxes"
+    ));
+
+    uplink.restore();
+    out(&format!("{site} is back online; its devices catch up."));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    let (produced, on_hub) = loop {
+        let mut produced = 0;
+        let mut on_hub = 0;
+        let mut drained = true;
+        for url in &urls {
+            let status = agent_status(&client, url).await?;
+            let Some(outbox) = status.outbox else {
+                bail!("device {} reported no outbox", status.device_id);
+            };
+            drained &= outbox.pending == 0;
+            produced += outbox.appended - outbox.evicted;
+            on_hub += insights_on_hub(fleet, status.device_id.as_str()).await?;
+        }
+        if drained && produced == on_hub {
+            break (produced, on_hub);
+        }
+        if Instant::now() > deadline {
+            bail!("{site} did not catch up: {on_hub} of {produced} insights on the hub");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    out(&format!(
+        "  caught up in {:.1}s: the hub holds {on_hub} of the {produced} insights {site} produced, none lost, none twice",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
 }

@@ -8,6 +8,7 @@
 mod bench;
 mod cmd_edge;
 mod cmd_hub;
+mod cmd_insights;
 mod cmd_model;
 mod demo;
 mod output;
@@ -36,6 +37,8 @@ enum Command {
     /// Join a hub, or run the agent on this device.
     #[command(subcommand)]
     Edge(cmd_edge::EdgeCommand),
+    /// What the fleet reported: insights, aggregates, trends, forecasts.
+    Insights(cmd_insights::InsightsArgs),
     /// Build and inspect models.
     #[command(subcommand)]
     Model(cmd_model::ModelCommand),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
             Command::Hub(args) => cmd_hub::run(args).await,
             Command::Edge(cmd) => cmd_edge::run(cmd).await,
             Command::Model(cmd) => cmd_model::run(cmd).await,
+            Command::Insights(args) => cmd_insights::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }

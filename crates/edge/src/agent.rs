@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::inference::{Admission, Inference};
+use crate::insights::Insights;
 use crate::link::Link;
 use crate::local_api::{LocalState, router};
 use crate::metrics::{AgentMetrics, Status};
@@ -46,9 +47,13 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         });
     }
     let state = State::open(&dir.database())?;
-    let enrolment = state.enrolment()?.ok_or_else(|| Error::NotEnrolled {
+    let mut enrolment = state.enrolment()?.ok_or_else(|| Error::NotEnrolled {
         dir: config.data_dir.clone(),
     })?;
+    if let Some(url) = &config.hub_url {
+        tracing::info!(enrolled = %enrolment.hub_url, using = %url, "reaching the hub at another URL");
+        enrolment.hub_url = url.clone();
+    }
     let read = |p: std::path::PathBuf| std::fs::read_to_string(&p).map_err(io_err(&p));
     let tls =
         pki::tls::device_client_config(&read(dir.ca())?, &read(dir.cert())?, &read(dir.key())?)?;
@@ -69,14 +74,23 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         metrics.clone(),
         models,
     ));
-    let inference = Arc::new(Inference::new(
-        loaded,
-        Admission::new(
-            config.max_concurrent,
-            config.max_queued,
-            config.queue_timeout,
-        ),
-    ));
+    let insights = Arc::new(Insights::open(
+        &dir.root().join("outbox"),
+        config.outbox_budget_bytes,
+        config.insight_window,
+        config.anomaly_threshold,
+    )?);
+    let inference = Arc::new(
+        Inference::new(
+            loaded,
+            Admission::new(
+                config.max_concurrent,
+                config.max_queued,
+                config.queue_timeout,
+            ),
+        )
+        .with_insights(Arc::clone(&insights)),
+    );
 
     let listener = TcpListener::bind(config.local_api_listen)
         .await
@@ -92,6 +106,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         LocalState {
             status: Arc::clone(&status),
             registry,
+            insights: Arc::clone(&insights),
         },
         metrics.http.clone(),
         inference,
@@ -102,6 +117,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         }
     });
 
+    let batch_max = config.insight_batch_max;
     let link = Link::new(
         client,
         Arc::clone(&status),
@@ -110,14 +126,32 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         Some(format!("http://{local_addr}")),
     );
     let heartbeats = tokio::spawn(link.clone().heartbeat_loop());
-    let stream = tokio::spawn(link.stream_loop());
+    let stream = tokio::spawn(link.clone().stream_loop());
+    let delivery = tokio::spawn(link.delivery_loop(Arc::clone(&insights), batch_max));
+    let windows = tokio::spawn(close_windows(insights));
     tracing::info!(device = %enrolment.device_id, hub = %enrolment.hub_url, %local_addr, "agent running");
     Ok(RunningAgent {
         device_id: enrolment.device_id,
         local_addr,
         status,
-        tasks: vec![serve, heartbeats, stream],
+        tasks: vec![serve, heartbeats, stream, delivery, windows],
     })
+}
+
+/// Turns each closed window's counts into insights, once a second.
+async fn close_windows(insights: Arc<Insights>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let drafts = insights.close_window(crate::insights::now_ms());
+        if drafts.is_empty() {
+            continue;
+        }
+        if let Err(e) = insights.append(drafts).await {
+            tracing::error!(error = %e, "cannot store the window's insights");
+        }
+    }
 }
 
 /// Loads the catalogue off the async executor. A model that fails to load is

@@ -26,6 +26,9 @@ pub struct RawConfig {
     /// Limits of the inference API.
     #[serde(default)]
     pub inference: RawInference,
+    /// Insights: what the device derives, keeps and delivers.
+    #[serde(default)]
+    pub insights: RawInsights,
     /// The models this device serves (`[[models]]` tables; see the runtime
     /// catalogue for the fields of each kind). Relative paths are resolved
     /// against the directory of the configuration file.
@@ -47,6 +50,26 @@ pub struct RawInference {
     pub queue_timeout_ms: Option<u64>,
 }
 
+/// `[insights]`: the insights the device derives from what it serves, the
+/// outbox that keeps them while the hub is out of reach, and their delivery.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInsights {
+    /// Length of the windows intents and model health are counted over, in
+    /// seconds. Default: 60.
+    pub window_secs: Option<u64>,
+    /// Bytes of undelivered insights the outbox keeps on disk. When an
+    /// insight would exceed it, the lowest-priority, oldest undelivered
+    /// insights are dropped (and counted); alerts are never dropped for
+    /// lower priorities. Default: 67108864 (64 MiB).
+    pub outbox_budget_bytes: Option<u64>,
+    /// Most insights sent in one delivery batch. Default: 500.
+    pub batch_max: Option<usize>,
+    /// An anomaly score at or above this raises an `anomaly` alert.
+    /// Default: 0.9.
+    pub anomaly_threshold: Option<f64>,
+}
+
 /// `[local_api]`: the HTTP API applications on the device call.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +83,10 @@ pub struct RawLocalApi {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHubLink {
+    /// Reach the hub at this URL instead of the one in the join token (a
+    /// relay, or a hub that moved); its certificate is still checked
+    /// against the hub CA. Default: the join token's URL.
+    pub url: Option<String>,
     /// Seconds between heartbeats, until the hub asks for another interval.
     /// Default: 10.
     pub heartbeat_interval_secs: Option<u64>,
@@ -89,6 +116,8 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// See [`RawHubLink::request_timeout_secs`].
     pub request_timeout: Duration,
+    /// See [`RawHubLink::url`].
+    pub hub_url: Option<String>,
     /// See [`RawInference::max_concurrent`].
     pub max_concurrent: usize,
     /// See [`RawInference::max_queued`].
@@ -97,6 +126,14 @@ pub struct Config {
     pub queue_timeout: Duration,
     /// The validated model catalogue.
     pub catalogue: runtime::Catalogue,
+    /// See [`RawInsights::window_secs`].
+    pub insight_window: Duration,
+    /// See [`RawInsights::outbox_budget_bytes`].
+    pub outbox_budget_bytes: u64,
+    /// See [`RawInsights::batch_max`].
+    pub insight_batch_max: usize,
+    /// See [`RawInsights::anomaly_threshold`].
+    pub anomaly_threshold: f64,
 }
 
 impl RawConfig {
@@ -143,6 +180,31 @@ impl RawConfig {
                 "hub.reconnect_min_ms ({min}) must be at least 1 and at most hub.reconnect_max_ms ({max}), which must be at most 600000"
             )));
         }
+        let window = self.insights.window_secs.unwrap_or(60);
+        if !(1..=86_400).contains(&window) {
+            return Err(Error::Config(format!(
+                "insights.window_secs must be between 1 and 86400, got {window}"
+            )));
+        }
+        let budget = self.insights.outbox_budget_bytes.unwrap_or(64 << 20);
+        if budget < 64 * 1024 {
+            return Err(Error::Config(format!(
+                "insights.outbox_budget_bytes must be at least 65536, got {budget}"
+            )));
+        }
+        let batch_max = self.insights.batch_max.unwrap_or(500);
+        if !(1..=protocol::insight::MAX_BATCH_INSIGHTS).contains(&batch_max) {
+            return Err(Error::Config(format!(
+                "insights.batch_max must be between 1 and {}, got {batch_max}",
+                protocol::insight::MAX_BATCH_INSIGHTS
+            )));
+        }
+        let threshold = self.insights.anomaly_threshold.unwrap_or(0.9);
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            return Err(Error::Config(format!(
+                "insights.anomaly_threshold must be in (0, 1], got {threshold}"
+            )));
+        }
         let timeout = self.hub.request_timeout_secs.unwrap_or(10);
         if !(1..=300).contains(&timeout) {
             return Err(Error::Config(format!(
@@ -161,10 +223,22 @@ impl RawConfig {
             reconnect_min: Duration::from_millis(min),
             reconnect_max: Duration::from_millis(max),
             request_timeout: Duration::from_secs(timeout),
+            hub_url: match self.hub.url {
+                Some(url) if !(url.starts_with("https://") && url.len() > 8) => {
+                    return Err(Error::Config(format!(
+                        "hub.url must be an https:// URL, got {url:?}"
+                    )));
+                }
+                url => url.map(|u| u.trim_end_matches('/').to_owned()),
+            },
             max_concurrent: 2,
             max_queued: 16,
             queue_timeout: Duration::from_secs(30),
             catalogue: runtime::Catalogue::default(),
+            insight_window: Duration::from_secs(window),
+            outbox_budget_bytes: budget,
+            insight_batch_max: batch_max,
+            anomaly_threshold: threshold,
         })
     }
 }
@@ -200,6 +274,13 @@ mod tests {
                 "reconnect_min_ms",
             ),
             ("[local_api]\nlisten = \"x\"", "listen"),
+            ("[insights]\nwindow_secs = 0", "window_secs"),
+            (
+                "[insights]\noutbox_budget_bytes = 10",
+                "outbox_budget_bytes",
+            ),
+            ("[insights]\nbatch_max = 5000", "batch_max"),
+            ("[insights]\nanomaly_threshold = 1.5", "anomaly_threshold"),
         ];
         for (text, needle) in cases {
             let err = RawConfig::from_toml(text)

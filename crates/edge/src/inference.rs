@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::insights::Insights;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -212,6 +213,31 @@ pub struct Inference {
     models: BTreeMap<String, Arc<dyn ModelBackend>>,
     loaded_at: i64,
     admission: Admission,
+    insights: Option<Arc<Insights>>,
+}
+
+/// Times one request to a model for the insights' health figures. Dropped
+/// without [`RequestTimer::ok`], the request counts as failed.
+struct RequestTimer {
+    insights: Option<Arc<Insights>>,
+    model: String,
+    started: Instant,
+    ok: bool,
+}
+
+impl RequestTimer {
+    fn ok(mut self) {
+        self.ok = true;
+    }
+}
+
+impl Drop for RequestTimer {
+    fn drop(&mut self) {
+        if let Some(insights) = &self.insights {
+            let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+            insights.observe_request(&self.model, ms, !self.ok);
+        }
+    }
 }
 
 impl std::fmt::Debug for Inference {
@@ -229,6 +255,28 @@ impl Inference {
             models,
             loaded_at: time::OffsetDateTime::now_utc().unix_timestamp(),
             admission,
+            insights: None,
+        }
+    }
+
+    /// Reports what is served to `insights` (intents, anomalies, health).
+    pub fn with_insights(mut self, insights: Arc<Insights>) -> Self {
+        self.insights = Some(insights);
+        self
+    }
+
+    fn timer(&self, model: &str) -> RequestTimer {
+        RequestTimer {
+            insights: self.insights.clone(),
+            model: model.to_owned(),
+            started: Instant::now(),
+            ok: false,
+        }
+    }
+
+    fn observe_raw(&self, bytes: usize) {
+        if let Some(i) = &self.insights {
+            i.observe_raw(bytes as u64);
         }
     }
 
@@ -622,12 +670,14 @@ async fn generate_whole(
     model: Arc<dyn ModelBackend>,
     request: GenerationRequest,
 ) -> Result<Generation, ApiError> {
+    let timer = inf.timer(&model.info().id);
     let slot = inf.admission.admit().await?;
     let (tx, mut rx) = mpsc::channel(64);
     let handle = spawn_generation(model, request, tx);
     while rx.recv().await.is_some() {}
     let mut generation = handle.await.map_err(task_failed)??;
     generation.timings.queue_ms += slot.queued_for.as_secs_f64() * 1000.0;
+    timer.ok();
     Ok(generation)
 }
 
@@ -890,6 +940,8 @@ async fn embeddings(
         ));
     }
     let texts = inputs(req.input)?;
+    let timer = inf.timer(&req.model);
+    inf.observe_raw(texts.iter().map(String::len).sum());
     let _slot = inf.admission.admit().await?;
     let id = req.model.clone();
     let (vectors, tokens) = blocking(move || {
@@ -906,6 +958,7 @@ async fn embeddings(
         Ok((vectors, tokens))
     })
     .await?;
+    timer.ok();
     Ok(Json(EmbeddingResponse {
         object: "list".into(),
         data: vectors
@@ -939,6 +992,8 @@ async fn classify(
         return Err(Inference::wrong_kind(&req.model, "a classifier"));
     }
     let texts = inputs(req.input)?;
+    let timer = inf.timer(&req.model);
+    inf.observe_raw(texts.iter().map(String::len).sum());
     let _slot = inf.admission.admit().await?;
     let id = req.model.clone();
     let (labels, predictions) = blocking(move || {
@@ -950,6 +1005,12 @@ async fn classify(
         Ok((c.labels().to_vec(), predictions))
     })
     .await?;
+    if let Some(insights) = &inf.insights {
+        for p in &predictions {
+            insights.observe_intent(&p.label);
+        }
+    }
+    timer.ok();
     Ok(Json(ClassifyResponse {
         model: req.model,
         data: predictions
@@ -1001,11 +1062,23 @@ async fn anomaly(
             ),
         ));
     }
+    let timer = inf.timer(&req.model);
+    inf.observe_raw(req.readings.len() * n * std::mem::size_of::<f64>());
     let mut data = Vec::with_capacity(req.readings.len());
     for (index, r) in req.readings.iter().enumerate() {
         let score = scorer.score_and_learn(r).map_err(ApiError::from_runtime)?;
         data.push(AnomalyScore { index, score });
     }
+    if let Some(insights) = &inf.insights {
+        let scores: Vec<f64> = data.iter().map(|d| d.score).collect();
+        if let Some(alert) = insights.anomaly_alert(&req.model, &req.readings, &scores) {
+            // The alert is on disk before the caller hears of the scores.
+            if let Err(e) = insights.append(vec![alert]).await {
+                tracing::error!(error = %e, "cannot store an anomaly alert");
+            }
+        }
+    }
+    timer.ok();
     Ok(Json(AnomalyResponse {
         model: req.model,
         data,

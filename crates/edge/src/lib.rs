@@ -2,7 +2,9 @@
 //! (key generated here, CA checked against the join token's pin, certificate
 //! obtained by CSR), then keeps a mutual-TLS link to the hub alive
 //! (heartbeats, an event stream with reconnect and jittered backoff) and
-//! serves the local HTTP API on loopback.
+//! serves the local HTTP API on loopback. What it learns becomes insights,
+//! kept in a durable outbox and delivered to the hub exactly once
+//! ([`insights`], [`link::delivery`](link)).
 //!
 //! The `strata` binary in `cli` reads the command line and calls [`join()`]
 //! or [`agent::run`]. Start reading at [`join()`], then [`agent::run`], then
@@ -11,6 +13,7 @@
 pub mod agent;
 pub mod config;
 pub mod inference;
+pub mod insights;
 pub mod join;
 pub mod link;
 pub mod local_api;
@@ -83,6 +86,21 @@ pub enum Error {
     /// Keys or certificates.
     #[error(transparent)]
     Pki(#[from] pki::Error),
+    /// The insight outbox failed.
+    #[error("insight outbox: {0}")]
+    Outbox(String),
+    /// The outbox refused insights: its budget is full of insights at least
+    /// as urgent. The others of the same call were stored.
+    #[error("outbox full: {} refused ({}); stored: {}", refused.len(), refused.join("; "), stored.join(", "))]
+    OutboxFull {
+        /// Why each refused insight was refused.
+        refused: Vec<String>,
+        /// Keys of the insights that were stored.
+        stored: Vec<String>,
+    },
+    /// An insight is malformed.
+    #[error("invalid insight: {0}")]
+    InvalidInsight(String),
     /// Files in the data directory.
     #[error("{path}: {source}")]
     Io {

@@ -5,6 +5,8 @@
 //! network cut or a half-open connection (detected by the absence of the
 //! hub's keep-alives) all end in a reconnect. Only a revocation stops it.
 
+pub mod delivery;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -27,6 +27,48 @@ pub struct AgentMetrics {
     pub hub_connected: Gauge,
     /// Hub messages processed.
     pub messages_received: Counter,
+    /// Outbox figures, set at scrape time from the outbox's own counters.
+    pub outbox: OutboxGauges,
+}
+
+/// The outbox's figures as gauges (the outbox keeps the counts, some of them
+/// across restarts; these mirror them when `/metrics` is read).
+#[derive(Clone, Debug, Default)]
+pub struct OutboxGauges {
+    /// Insights waiting for delivery.
+    pub pending: Gauge,
+    /// Bytes they take.
+    pub pending_bytes: Gauge,
+    /// Insights ever appended.
+    pub appended: Gauge,
+    /// Insights ever acknowledged by the hub.
+    pub acked: Gauge,
+    /// Insights ever dropped by the overflow policy.
+    pub evicted: Gauge,
+    /// Appends ever refused for lack of room.
+    pub refused: Gauge,
+    /// Damaged records set aside.
+    pub quarantined: Gauge,
+    /// Raw input bytes processed since start.
+    pub raw_bytes: Gauge,
+    /// Insight bytes sent since start.
+    pub sent_bytes: Gauge,
+}
+
+impl OutboxGauges {
+    /// Copies a status snapshot into the gauges.
+    pub fn set(&self, s: &protocol::OutboxStatus) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.pending.set(g(s.pending));
+        self.pending_bytes.set(g(s.pending_bytes));
+        self.appended.set(g(s.appended));
+        self.acked.set(g(s.acked));
+        self.evicted.set(g(s.evicted));
+        self.refused.set(g(s.refused));
+        self.quarantined.set(g(s.quarantined_frames));
+        self.raw_bytes.set(g(s.raw_bytes));
+        self.sent_bytes.set(g(s.sent_bytes));
+    }
 }
 
 impl AgentMetrics {
@@ -40,6 +82,7 @@ impl AgentMetrics {
             stream_connects: Counter::default(),
             hub_connected: Gauge::default(),
             messages_received: Counter::default(),
+            outbox: OutboxGauges::default(),
         };
         registry.register(
             "heartbeats_ok",
@@ -66,6 +109,56 @@ impl AgentMetrics {
             "Hub messages processed",
             m.messages_received.clone(),
         );
+        let o = &m.outbox;
+        for (name, help, gauge) in [
+            (
+                "outbox_pending",
+                "Insights waiting for delivery",
+                &o.pending,
+            ),
+            (
+                "outbox_pending_bytes",
+                "Bytes of insights waiting for delivery",
+                &o.pending_bytes,
+            ),
+            (
+                "outbox_appended",
+                "Insights ever appended to the outbox",
+                &o.appended,
+            ),
+            (
+                "outbox_acked",
+                "Insights ever acknowledged by the hub",
+                &o.acked,
+            ),
+            (
+                "outbox_evicted",
+                "Insights ever dropped by the overflow policy",
+                &o.evicted,
+            ),
+            (
+                "outbox_refused",
+                "Insights ever refused for lack of room",
+                &o.refused,
+            ),
+            (
+                "outbox_quarantined",
+                "Damaged outbox records set aside",
+                &o.quarantined,
+            ),
+            (
+                "insights_raw_bytes",
+                "Raw input bytes processed since start",
+                &o.raw_bytes,
+            ),
+            (
+                "insights_sent_bytes",
+                "Insight bytes sent to the hub since start",
+                &o.sent_bytes,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
         (m, Arc::new(registry))
     }
 }
@@ -187,6 +280,12 @@ impl Status {
             revoked: self.is_revoked(),
             uptime_secs: self.uptime_secs(),
             models: self.models.clone(),
+            outbox: None,
         }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.metrics
     }
 }

@@ -103,6 +103,11 @@ impl AppState {
     pub fn bus(&self) -> &EventBus {
         &self.inner.bus
     }
+
+    /// The hub's metrics.
+    pub fn metrics(&self) -> &HubMetrics {
+        &self.inner.metrics
+    }
 }
 
 /// The hub's routes.
@@ -120,6 +125,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{id}/messages", post(send_message))
         .route("/v1/devices/{id}/heartbeat", post(heartbeat))
         .route("/v1/devices/{id}/events", get(events))
+        .route(
+            "/v1/devices/{id}/insights",
+            post(crate::insights::ingest).layer(axum::extract::DefaultBodyLimit::max(
+                protocol::insight::MAX_BATCH_BYTES,
+            )),
+        )
+        .route("/v1/insights", get(crate::insights::list))
+        .route("/v1/insights/aggregates", get(crate::insights::aggregates))
+        .route("/v1/insights/trends", get(crate::insights::trends))
+        .route("/v1/insights/forecast", get(crate::insights::forecast))
         .fallback(web::not_found)
         .layer(axum::middleware::from_fn(web::problem_for_405))
         .layer(axum::middleware::from_fn_with_state(metrics, web::track))
@@ -135,7 +150,7 @@ pub struct DeviceAuth {
 
 impl DeviceAuth {
     /// Refuses a device acting as another device.
-    fn require_self(&self, path_id: &str, state: &AppState) -> Result<(), ApiError> {
+    pub(crate) fn require_self(&self, path_id: &str, state: &AppState) -> Result<(), ApiError> {
         if self.id.as_str() == path_id {
             return Ok(());
         }

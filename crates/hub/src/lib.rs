@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod events;
+pub mod insights;
 pub mod metrics;
 pub mod openapi;
 pub mod server;

@@ -36,6 +36,14 @@ pub struct HubMetrics {
     pub devices_enrolled: Gauge,
     /// Devices with an open stream, set at scrape time.
     pub devices_online: Gauge,
+    /// Insights stored for the first time.
+    pub insights_stored: Counter,
+    /// Insights delivered again and recognised as duplicates.
+    pub insights_duplicate: Counter,
+    /// Insight batches accepted.
+    pub insight_batches: Counter,
+    /// Insight batches refused for a malformed record.
+    pub insights_refused: Counter,
 }
 
 impl HubMetrics {
@@ -52,6 +60,10 @@ impl HubMetrics {
             messages_sent: Counter::default(),
             devices_enrolled: Gauge::default(),
             devices_online: Gauge::default(),
+            insights_stored: Counter::default(),
+            insights_duplicate: Counter::default(),
+            insight_batches: Counter::default(),
+            insights_refused: Counter::default(),
         };
         registry.register("enrolments", "Devices enrolled", metrics.enrolments.clone());
         registry.register(
@@ -88,6 +100,26 @@ impl HubMetrics {
             "devices_online",
             "Devices holding an event stream open",
             metrics.devices_online.clone(),
+        );
+        registry.register(
+            "insights_stored",
+            "Insights stored for the first time",
+            metrics.insights_stored.clone(),
+        );
+        registry.register(
+            "insights_duplicate",
+            "Insights delivered again and recognised as duplicates",
+            metrics.insights_duplicate.clone(),
+        );
+        registry.register(
+            "insight_batches",
+            "Insight batches accepted",
+            metrics.insight_batches.clone(),
+        );
+        registry.register(
+            "insight_batches_refused",
+            "Insight batches refused for a malformed record",
+            metrics.insights_refused.clone(),
         );
         (metrics, Arc::new(registry))
     }

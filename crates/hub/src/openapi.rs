@@ -26,12 +26,18 @@ use crate::api;
         api::send_message,
         api::heartbeat,
         api::events,
+        crate::insights::ingest,
+        crate::insights::list,
+        crate::insights::aggregates,
+        crate::insights::trends,
+        crate::insights::forecast,
     ),
     modifiers(&Security),
     tags(
         (name = "meta", description = "Health, metrics and this document"),
         (name = "devices", description = "Calls devices make"),
         (name = "operators", description = "Calls operators make"),
+        (name = "insights", description = "Insights devices delivered, and the fleet views computed from them"),
     )
 )]
 struct HubApi;
@@ -93,6 +99,11 @@ mod tests {
             "/v1/devices/{id}/messages",
             "/v1/devices/{id}/heartbeat",
             "/v1/devices/{id}/events",
+            "/v1/devices/{id}/insights",
+            "/v1/insights",
+            "/v1/insights/aggregates",
+            "/v1/insights/trends",
+            "/v1/insights/forecast",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

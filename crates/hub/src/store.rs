@@ -2,10 +2,11 @@
 //!
 //! Everything the hub must not forget across a restart lives here: operator
 //! credentials (hashed), join tokens (hashed secrets), devices and their
-//! certificates, hub-to-device messages and the audit log. The embedded
+//! certificates, hub-to-device messages, the audit log and the insights
+//! devices deliver. The embedded
 //! backend is SQLite in WAL mode with numbered migrations.
 //!
-//! All SQL of the hub is in this file, behind async methods that speak in
+//! All SQL of the hub is in this file and its submodules, behind async methods that speak in
 //! domain types, so that the PostgreSQL backend for scale-out is a second
 //! implementation of the same methods rather than a rewrite of the handlers.
 
@@ -19,6 +20,10 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use time::OffsetDateTime;
 
 use crate::Error;
+
+mod insights;
+
+pub use insights::{Ingested, InsightFilter, NewInsight, SeriesPoint};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` holds how many
 /// have run. Never edit a released migration: append a new one.
@@ -72,6 +77,25 @@ const MIGRATIONS: &[&str] = &[
         target TEXT,
         detail TEXT
     ) STRICT;
+    "#,
+    // 2: insights, once per device and key.
+    r#"
+    CREATE TABLE insights (
+        id          INTEGER PRIMARY KEY,
+        device_id   TEXT NOT NULL REFERENCES devices(id),
+        key         TEXT NOT NULL,
+        site        TEXT,
+        kind        TEXT NOT NULL,
+        series      TEXT NOT NULL,
+        priority    TEXT NOT NULL,
+        start_ms    INTEGER NOT NULL,
+        window_ms   INTEGER NOT NULL,
+        value       REAL NOT NULL,
+        raw         TEXT NOT NULL,
+        received_ms INTEGER NOT NULL,
+        UNIQUE (device_id, key)
+    ) STRICT;
+    CREATE INDEX insights_by_series ON insights (kind, series, start_ms);
     "#,
 ];
 

@@ -8,6 +8,7 @@
 //! Start reading at [`JoinToken`] (how a device finds and trusts its hub),
 //! then [`EnrollRequest`] and [`DeviceMessage`].
 
+pub mod insight;
 pub mod openai;
 mod token;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
+pub use insight::OutboxStatus;
 pub use token::{JoinToken, TokenError};
 
 /// Media type of RFC 9457 problem bodies.
@@ -330,6 +332,8 @@ pub struct AgentStatus {
     pub uptime_secs: u64,
     /// The models in the agent's catalogue and whether each loaded.
     pub models: Vec<LocalModel>,
+    /// The insight outbox and its delivery.
+    pub outbox: Option<insight::OutboxStatus>,
 }
 
 /// A model in an agent's catalogue.

@@ -42,7 +42,7 @@ use serde::Deserialize;
 use crate::anomaly::{AnomalyModel, HstConfig};
 use crate::backend::{ModelBackend, ModelKind};
 use crate::classifier::EmbeddingClassifier;
-use crate::embedding::{Embedder, EmbeddingConfig, EmbeddingFiles};
+use crate::embedding::{Embedder, EmbeddingConfig, EmbeddingFiles, MAX_BATCH_LIMIT, Precision};
 use crate::error::{Error, Result};
 use crate::llm::{LlmConfig, LlmModel};
 
@@ -66,7 +66,8 @@ pub struct RawModelEntry {
     /// The model's main file or directory, absolute or relative to the
     /// catalogue's base directory: the `.gguf` file (llm), the model
     /// directory holding `model.safetensors`, `tokenizer.json` and
-    /// `config.json` (embedding), the head's `.safetensors` file
+    /// `config.json`, or a `bert` `.gguf` file with `tokenizer.json` beside
+    /// it (embedding), the head's `.safetensors` file
     /// (classifier). Anomaly detectors learn from scratch and take none.
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -76,9 +77,14 @@ pub struct RawModelEntry {
     /// Embedding models: the model configuration, if not `config.json` in `path`.
     #[serde(default)]
     pub config: Option<PathBuf>,
-    /// LLMs: CPU threads per generation (default 2).
+    /// LLMs: CPU threads per generation; embedding models: CPU threads of
+    /// the encoder (default 2 for both).
     #[serde(default)]
     pub threads: Option<u32>,
+    /// Embedding models given as safetensors: the precision their weights
+    /// are held in, `f16` (default; half the memory, faster) or `f32`.
+    #[serde(default)]
+    pub precision: Option<Precision>,
     /// LLMs: context length in tokens, prompt plus completion (default
     /// 2048, capped at the model's training length). Embedding models:
     /// truncation length in tokens (default: the model's maximum).
@@ -87,7 +93,8 @@ pub struct RawModelEntry {
     /// LLMs: requests served at once, each with its own KV cache (default 1).
     #[serde(default)]
     pub slots: Option<u32>,
-    /// Embedding models: the most texts encoded in one batch (default 32).
+    /// Embedding models: the most texts encoded in one batch (default 32,
+    /// at most 256).
     #[serde(default)]
     pub max_batch: Option<usize>,
     /// Classifiers: the id of the embedding model whose vectors the head reads.
@@ -222,6 +229,7 @@ impl RawCatalogue {
                     not_for("max_batch", raw.max_batch.is_some())?;
                     not_for("embedding_model", raw.embedding_model.is_some())?;
                     not_for("n_features/n_trees/height/window_size/seed", anomaly_fields)?;
+                    not_for("precision", raw.precision.is_some())?;
                     let d = LlmConfig::default();
                     let config = LlmConfig {
                         threads: raw.threads.unwrap_or(d.threads),
@@ -240,12 +248,23 @@ impl RawCatalogue {
                     }
                 }
                 ModelKind::Embedding => {
-                    not_for("threads", raw.threads.is_some())?;
                     not_for("slots", raw.slots.is_some())?;
                     not_for("embedding_model", raw.embedding_model.is_some())?;
                     not_for("n_features/n_trees/height/window_size/seed", anomaly_fields)?;
-                    let dir = need_path()?;
-                    let mut files = EmbeddingFiles::in_dir(&dir);
+                    let path = need_path()?;
+                    let is_gguf = path
+                        .extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+                    let mut files = if is_gguf {
+                        let dir = path.parent().unwrap_or(base_dir);
+                        EmbeddingFiles {
+                            weights: path.clone(),
+                            tokenizer: dir.join("tokenizer.json"),
+                            config: dir.join("config.json"),
+                        }
+                    } else {
+                        EmbeddingFiles::in_dir(&path)
+                    };
                     if let Some(t) = &raw.tokenizer {
                         files.tokenizer = base_dir.join(t);
                     }
@@ -253,11 +272,23 @@ impl RawCatalogue {
                         files.config = base_dir.join(c);
                     }
                     let d = EmbeddingConfig::default();
+                    let max_batch = raw.max_batch.unwrap_or(d.max_batch);
+                    if max_batch == 0 || max_batch > MAX_BATCH_LIMIT {
+                        return Err(err(format!(
+                            "max_batch {max_batch} must be between 1 and {MAX_BATCH_LIMIT}"
+                        )));
+                    }
+                    let threads = raw.threads.unwrap_or(d.threads);
+                    if threads == 0 {
+                        return Err(err("threads must be at least 1".to_owned()));
+                    }
                     ModelSpec::Embedding {
                         files,
                         config: EmbeddingConfig {
                             max_length: raw.context_length.map(|c| c as usize),
-                            max_batch: raw.max_batch.unwrap_or(d.max_batch).max(1),
+                            max_batch,
+                            threads,
+                            precision: raw.precision.unwrap_or(d.precision),
                         },
                     }
                 }
@@ -271,6 +302,7 @@ impl RawCatalogue {
                     )?;
                     not_for("max_batch", raw.max_batch.is_some())?;
                     not_for("n_features/n_trees/height/window_size/seed", anomaly_fields)?;
+                    not_for("precision", raw.precision.is_some())?;
                     let embedding_model = raw
                         .embedding_model
                         .clone()
@@ -288,6 +320,7 @@ impl RawCatalogue {
                 }
                 ModelKind::Anomaly => {
                     not_for("path", raw.path.is_some())?;
+                    not_for("precision", raw.precision.is_some())?;
                     not_for("threads", raw.threads.is_some())?;
                     not_for("slots", raw.slots.is_some())?;
                     not_for("context_length", raw.context_length.is_some())?;

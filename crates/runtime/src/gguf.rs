@@ -13,6 +13,8 @@
 //! pairs, the tensor descriptors (name, dimensions, type, offset), then the
 //! tensor data, aligned to `general.alignment` (32 by default).
 
+pub mod write;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read};

@@ -1,7 +1,7 @@
 //! Strata's model runtime: the models an edge device serves, behind one trait.
 //!
 //! It is: GGUF text generation through llama.cpp ([`llm`]), BERT-style
-//! sentence embeddings with candle ([`embedding`]), small classifier heads
+//! sentence embeddings with llama.cpp ([`embedding`]), small classifier heads
 //! over those embeddings and the intent data set they are trained on
 //! ([`classifier`], [`intents`]), streaming anomaly detection ([`anomaly`]),
 //! and the catalogue that loads a device's models from local files

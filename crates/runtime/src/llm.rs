@@ -283,7 +283,7 @@ impl CancelToken {
 
 /// The process-wide llama.cpp backend, initialised once with its logging
 /// routed to `tracing` (target `llama-cpp-2`), never to stderr.
-fn backend() -> Result<&'static LlamaBackend, String> {
+pub(crate) fn backend() -> Result<&'static LlamaBackend, String> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {

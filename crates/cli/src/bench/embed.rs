@@ -1,4 +1,4 @@
-//! Sentence embeddings per second: `runtime::Embedder` (candle) against the
+//! Sentence embeddings per second: `runtime::Embedder` (llama.cpp) against the
 //! numpy and ONNX Runtime peers in `bench/peers/`, on the same sentences,
 //! at batch 1 and batch 32, with the same number of threads.
 //!
@@ -8,14 +8,9 @@
 //! sorted by length before they are cut into batches (as
 //! sentence-transformers' `encode` and `Embedder::embed` both do).
 //!
-//! Threads: candle splits its matrix products into `RAYON_NUM_THREADS`
-//! parts on rayon's global pool (sized by the same variable) and runs
-//! element-wise work on its own barrier pool, sized by `CANDLE_NUM_THREADS`
-//! (else the rayon value); each pool reads its variable once, when it
-//! starts. Strata's side therefore runs in its own process (`strata bench
-//! embed-worker`) started with both set to `--threads`, so every pool has
-//! that size from the start. The peers get
-//! `--threads` (which sets `OMP_NUM_THREADS`, `OPENBLAS_NUM_THREADS` and
+//! Threads: Strata's side runs in its own process (`strata bench
+//! embed-worker --threads N`), its encoder on N llama.cpp threads. The peers
+//! get `--threads` (which sets `OMP_NUM_THREADS`, `OPENBLAS_NUM_THREADS` and
 //! `MKL_NUM_THREADS` before numpy loads, and ONNX Runtime's intra-op
 //! threads) and the same variables in their environment.
 
@@ -64,6 +59,12 @@ pub(crate) struct WorkerArgs {
     /// Timed passes; the result is their mean.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     repeat: u32,
+    /// CPU threads of the encoder.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    threads: u32,
+    /// Weight precision of the converted model: f16 or f32.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    precision: String,
 }
 
 /// Runs the worker and prints one JSON line in the peers' format.
@@ -81,7 +82,13 @@ fn worker_blocking(args: &WorkerArgs) -> anyhow::Result<String> {
         &EmbeddingFiles::in_dir(&args.model_dir),
         &EmbeddingConfig {
             max_length: Some(MAX_LENGTH),
-            max_batch: batch,
+            max_batch: batch.min(runtime::embedding::MAX_BATCH_LIMIT),
+            threads: args.threads,
+            precision: if args.precision == "f32" {
+                runtime::embedding::Precision::F32
+            } else {
+                runtime::embedding::Precision::F16
+            },
         },
     )
     .with_context(|| format!("loading {}", args.model_dir.display()))?;
@@ -99,19 +106,13 @@ fn worker_blocking(args: &WorkerArgs) -> anyhow::Result<String> {
         times.push(start.elapsed().as_secs_f64());
     }
     let seconds = times.iter().sum::<f64>() / times.len().max(1) as f64;
-    let threads = |var: &str| {
-        std::env::var(var)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-    };
     Ok(json!({
         "peer": "strata",
         "batch_size": batch,
         "sentences": texts.len(),
         "seconds": seconds,
         "sentences_per_s": texts.len() as f64 / seconds,
-        "threads": threads("RAYON_NUM_THREADS"),
-        "candle_threads": threads("CANDLE_NUM_THREADS"),
+        "threads": args.threads,
         "repeat": args.repeat,
         "warmup": args.warmup,
         "seconds_min": times.iter().copied().fold(f64::INFINITY, f64::min),
@@ -171,7 +172,7 @@ enum Engine {
 impl Engine {
     fn name(self) -> &'static str {
         match self {
-            Engine::Strata => "Strata (candle)",
+            Engine::Strata => "Strata (llama.cpp)",
             Engine::Numpy => "numpy",
             Engine::Onnx => "ONNX Runtime",
         }
@@ -282,9 +283,7 @@ async fn measure(
         Engine::Strata => {
             let exe = std::env::current_exe().context("locating the strata binary")?;
             let mut cmd = Command::new(exe);
-            cmd.args(["bench", "embed-worker"])
-                .env("RAYON_NUM_THREADS", &threads)
-                .env("CANDLE_NUM_THREADS", &threads)
+            cmd.args(["bench", "embed-worker", "--threads", &threads])
                 .env("STRATA_LOG", "warn");
             cmd
         }

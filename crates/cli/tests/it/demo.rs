@@ -1,5 +1,5 @@
 //! `strata demo` on its defaults brings up a hub and 8 devices across 2
-//! sites, each serving real models.
+//! sites, each serving real models, and takes a site offline and back.
 
 use std::process::Command;
 
@@ -35,6 +35,18 @@ fn the_demo_enrols_its_fleet_and_shows_it_online() {
         "{stdout}"
     );
     assert_eq!(stdout.matches("HassTurnOff").count(), 2, "{stdout}");
+    // The last site goes offline, keeps working, and catches up: the hub
+    // ends with exactly what the site's devices produced.
+    assert!(stdout.contains("site-2 loses its uplink"), "{stdout}");
+    assert!(
+        stdout.contains("insights kept in their outboxes"),
+        "{stdout}"
+    );
+    let caught_up = stdout
+        .lines()
+        .find(|l| l.contains("caught up in"))
+        .unwrap_or_else(|| panic!("no catch-up line: {stdout}"));
+    assert!(caught_up.contains("none lost, none twice"), "{caught_up}");
     // Each device has its own identity.
     let certs: std::collections::BTreeSet<Vec<u8>> = std::fs::read_dir(tmp.path().join("devices"))
         .unwrap()

@@ -6,5 +6,6 @@ mod demo;
 mod enrolment;
 mod identity;
 mod inference;
+mod insights;
 mod resilience;
 mod support;
