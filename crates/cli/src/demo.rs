@@ -768,10 +768,11 @@ async fn site_offline(fleet: &Fleet, models: bool) -> anyhow::Result<()> {
     out(&format!("{site} is back online; its devices catch up."));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(60);
-    let (produced, on_hub) = loop {
+    let (produced, on_hub, raw, sent) = loop {
         let mut produced = 0;
         let mut on_hub = 0;
         let mut drained = true;
+        let (mut raw, mut sent) = (0, 0);
         for url in &urls {
             let status = agent_status(&client, url).await?;
             let Some(outbox) = status.outbox else {
@@ -779,10 +780,12 @@ async fn site_offline(fleet: &Fleet, models: bool) -> anyhow::Result<()> {
             };
             drained &= outbox.pending == 0;
             produced += outbox.appended - outbox.evicted;
+            raw += outbox.raw_bytes;
+            sent += outbox.sent_bytes;
             on_hub += insights_on_hub(fleet, status.device_id.as_str()).await?;
         }
         if drained && produced == on_hub {
-            break (produced, on_hub);
+            break (produced, on_hub, raw, sent);
         }
         if Instant::now() > deadline {
             bail!("{site} did not catch up: {on_hub} of {produced} insights on the hub");
@@ -793,5 +796,11 @@ async fn site_offline(fleet: &Fleet, models: bool) -> anyhow::Result<()> {
         "  caught up in {:.1}s: the hub holds {on_hub} of the {produced} insights {site} produced, none lost, none twice",
         started.elapsed().as_secs_f64()
     ));
+    if raw > 0 {
+        out(&format!(
+            "  raw data stayed on the devices: {raw} bytes processed, {sent} bytes of insights sent ({:.1} : 1)",
+            raw as f64 / sent.max(1) as f64
+        ));
+    }
     Ok(())
 }

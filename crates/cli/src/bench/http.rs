@@ -498,8 +498,17 @@ async fn post_ok(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::R
 
 /// Sends one streaming chat request and times its content deltas.
 async fn stream_chat(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<Sample> {
-    let start = Instant::now();
-    let mut response = client.post(url).json(body).send().await?;
+    let mut start = Instant::now();
+    let mut response = match client.post(url).json(body).send().await {
+        Ok(r) => r,
+        // A keep-alive connection the server closed just as it was reused:
+        // the request never reached it. Send it again, timed afresh.
+        Err(e) if e.is_request() => {
+            start = Instant::now();
+            client.post(url).json(body).send().await?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let status = response.status();
     if !status.is_success() {
         let text = response.text().await.unwrap_or_default();
