@@ -65,13 +65,13 @@ impl FaultProxy {
     pub fn cut(&self) {
         self.shared.cut.store(true, Ordering::SeqCst);
         self.shared.epoch.send_modify(|e| *e += 1);
-        tracing::info!(proxy = %self.addr, upstream = %self.shared.upstream, "link cut");
+        tracing::debug!(proxy = %self.addr, upstream = %self.shared.upstream, "link cut");
     }
 
     /// Lets connections through again.
     pub fn restore(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
-        tracing::info!(proxy = %self.addr, upstream = %self.shared.upstream, "link restored");
+        tracing::debug!(proxy = %self.addr, upstream = %self.shared.upstream, "link restored");
     }
 
     /// True while the link is cut.

@@ -13,8 +13,8 @@
 //! attention) run MiniLM several times faster than candle did, and texts of
 //! a batch are packed end to end with no padding at all: each text attends
 //! only to itself, so an embedding is the same whatever it is batched with.
-//! A safetensors model is converted to an in-memory GGUF image at load time
-//! ([`convert`]), weights as `F16` by default.
+//! A safetensors model is converted to a temporary GGUF file at load time
+//! ([`convert`], one tensor at a time), weights as `F16` by default.
 //!
 //! One worker thread owns the llama.cpp context (a context is not safe to
 //! share between threads); callers hand it packed batches and wait.
@@ -191,15 +191,17 @@ impl Embedder {
             let size_bytes = std::fs::metadata(&files.weights)
                 .map_err(Error::io(&files.weights))?
                 .len();
-            let (image, parameters) = convert::to_gguf(files, &bert, config.precision)?;
             let tmp = tempfile::Builder::new()
                 .prefix("strata-embedding-")
                 .suffix(".gguf")
                 .tempfile()
                 .map_err(|e| load_err(format!("cannot create a temporary file: {e}")))?;
-            image
-                .write_to(std::io::BufWriter::new(tmp.as_file()))
-                .map_err(|e| load_err(format!("cannot write the converted model: {e}")))?;
+            let parameters = convert::write_gguf(
+                files,
+                &bert,
+                config.precision,
+                std::io::BufWriter::new(tmp.as_file()),
+            )?;
             let params = LlamaModelParams::default().with_use_mmap(false);
             let model = LlamaModel::load_from_file(backend, tmp.path(), &params)
                 .map_err(|e| load_err(e.to_string()))?;

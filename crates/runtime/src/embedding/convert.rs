@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::{EmbeddingFiles, Precision};
 use crate::error::{Error, Result};
-use crate::gguf::write::{Builder, Tensor, TensorType, Value};
+use crate::gguf::write::{Builder, TensorInfo, TensorType, Value, write_tensor};
 
 /// The fields of a BERT `config.json` the conversion reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -168,12 +168,14 @@ fn wordpiece_vocab(path: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
-/// Builds the GGUF file of a BERT model; returns it with its parameter count.
-pub(crate) fn to_gguf(
+/// Writes the GGUF file of a BERT model to `out`, one tensor at a time;
+/// returns its parameter count.
+pub(crate) fn write_gguf<W: std::io::Write>(
     files: &EmbeddingFiles,
     config: &BertConfig,
     precision: Precision,
-) -> Result<(Builder, u64)> {
+    mut out: W,
+) -> Result<u64> {
     let weights = std::fs::read(&files.weights).map_err(Error::io(&files.weights))?;
     let st_err = |reason: String| Error::Safetensors {
         path: files.weights.clone(),
@@ -254,10 +256,9 @@ pub(crate) fn to_gguf(
         }
     }
 
-    let mut parameters = 0u64;
     let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
     names.sort();
-    let mut seen = 0usize;
+    let mut sources = Vec::new();
     for hf_name in names {
         let Some(name) = gguf_name(&hf_name) else {
             continue;
@@ -269,32 +270,50 @@ pub(crate) fn to_gguf(
                 view.dtype()
             )));
         }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let shape = view.shape();
-        parameters += values.len() as u64;
         // Matrices (and the token and position tables) take the chosen
         // precision; vectors llama.cpp adds or normalises with, and the
         // token-type table it adds as a row, must stay F32.
-        let dtype = if shape.len() >= 2 && name != "token_types.weight" {
+        let dtype = if view.shape().len() >= 2 && name != "token_types.weight" {
             precision.tensor_type()
         } else {
             TensorType::F32
         };
-        b.tensor(Tensor::from_f32(&name, shape, &values, dtype));
-        seen += 1;
+        let info = TensorInfo::row_major(&name, view.shape(), dtype);
+        b.tensor(info.clone());
+        sources.push((info, view));
     }
     let expected = 5 + 16 * config.num_hidden_layers;
-    if seen != expected {
+    if sources.len() != expected {
         return Err(st_err(format!(
-            "found {seen} encoder tensors, expected {expected} for {} layers",
+            "found {} encoder tensors, expected {expected} for {} layers",
+            sources.len(),
             config.num_hidden_layers
         )));
     }
-    Ok((b, parameters))
+
+    let write_err = |e: std::io::Error| Error::Safetensors {
+        path: files.weights.clone(),
+        reason: format!("writing the converted model: {e}"),
+    };
+    b.write_header(&mut out).map_err(write_err)?;
+    // One pair of buffers serves every tensor: converting a model leaves no
+    // trail of freed allocations behind in the process's heap.
+    let mut parameters = 0u64;
+    let mut values: Vec<f32> = Vec::new();
+    let mut bytes: Vec<u8> = Vec::new();
+    for (info, view) in sources {
+        values.clear();
+        values.extend(
+            view.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        parameters += values.len() as u64;
+        info.encode_into(&values, &mut bytes);
+        write_tensor(&mut out, &info, &bytes).map_err(write_err)?;
+    }
+    out.flush().map_err(write_err)?;
+    Ok(parameters)
 }
 
 #[cfg(test)]

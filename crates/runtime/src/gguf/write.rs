@@ -62,45 +62,66 @@ impl TensorType {
     }
 }
 
-/// One tensor to write.
-#[derive(Debug, Clone)]
-pub struct Tensor {
+/// What the header says of a tensor: its name, shape and element type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
     /// The tensor's name (e.g. `blk.0.attn_q.weight`).
     pub name: String,
     /// Dimensions in ggml order: the first is the length of a row (the
     /// fastest-varying index), the reverse of a row-major shape.
     pub dims: Vec<u64>,
-    /// The element type of `data`.
+    /// The element type.
     pub dtype: TensorType,
-    /// Little-endian element bytes.
-    pub data: Vec<u8>,
 }
 
-impl Tensor {
-    /// A tensor of `values` with the row-major `shape` (as safetensors and
-    /// PyTorch give it), stored as `dtype`.
-    pub fn from_f32(name: &str, shape: &[usize], values: &[f32], dtype: TensorType) -> Tensor {
-        let data = match dtype {
-            TensorType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            TensorType::F16 => values
-                .iter()
-                .flat_map(|&v| f32_to_f16_bits(v).to_le_bytes())
-                .collect(),
-        };
-        Tensor {
+impl TensorInfo {
+    /// A tensor with the row-major `shape` (as safetensors and PyTorch
+    /// give it), stored as `dtype`.
+    pub fn row_major(name: &str, shape: &[usize], dtype: TensorType) -> TensorInfo {
+        TensorInfo {
             name: name.to_owned(),
             dims: shape.iter().rev().map(|&d| d as u64).collect(),
             dtype,
-            data,
+        }
+    }
+
+    /// Bytes of its data.
+    pub fn data_bytes(&self) -> usize {
+        self.dims.iter().product::<u64>() as usize * self.dtype.element_bytes()
+    }
+
+    /// Encodes `values` (row-major, as many as the shape holds) as this
+    /// tensor's element type.
+    pub fn encode(&self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(values, &mut out);
+        out
+    }
+
+    /// Like [`TensorInfo::encode`], into a buffer that is cleared first (so
+    /// a conversion reuses one buffer for every tensor).
+    pub fn encode_into(&self, values: &[f32], out: &mut Vec<u8>) {
+        out.clear();
+        match self.dtype {
+            TensorType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+            TensorType::F16 => {
+                out.extend(
+                    values
+                        .iter()
+                        .flat_map(|&v| f32_to_f16_bits(v).to_le_bytes()),
+                );
+            }
         }
     }
 }
 
-/// A GGUF file being assembled in memory.
+/// A GGUF file's header being assembled: metadata and tensor descriptions.
+/// The tensor data follows the header, one tensor at a time
+/// ([`write_tensor`]), so a conversion never holds a whole model twice.
 #[derive(Debug, Default)]
 pub struct Builder {
     metadata: Vec<(String, Value)>,
-    tensors: Vec<Tensor>,
+    tensors: Vec<TensorInfo>,
 }
 
 impl Builder {
@@ -115,39 +136,20 @@ impl Builder {
         self
     }
 
-    /// Adds a tensor.
-    pub fn tensor(&mut self, tensor: Tensor) -> &mut Builder {
+    /// Describes the next tensor; its data must be written in this order.
+    pub fn tensor(&mut self, tensor: TensorInfo) -> &mut Builder {
         self.tensors.push(tensor);
         self
     }
 
-    /// Writes the file: header, metadata, tensor descriptors, aligned data.
-    ///
-    /// Fails with `InvalidInput` when a tensor's data does not match its
-    /// dimensions.
-    pub fn write_to<W: Write>(&self, mut w: W) -> io::Result<()> {
-        let mut offsets = Vec::with_capacity(self.tensors.len());
-        let mut offset = 0usize;
-        for t in &self.tensors {
-            let elements: u64 = t.dims.iter().product();
-            if t.dims.is_empty()
-                || t.dims.len() > 4
-                || elements as usize * t.dtype.element_bytes() != t.data.len()
-            {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "tensor {} has {} bytes of data for dimensions {:?}",
-                        t.name,
-                        t.data.len(),
-                        t.dims
-                    ),
-                ));
-            }
-            offsets.push(offset as u64);
-            offset = (offset + t.data.len()).next_multiple_of(ALIGNMENT);
-        }
+    /// The tensors described so far, in order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
 
+    /// Writes the header: magic, metadata, tensor descriptors with their
+    /// aligned offsets, padding up to the data section.
+    pub fn write_header<W: Write>(&self, mut w: W) -> io::Result<()> {
         let mut header = Vec::new();
         header.extend_from_slice(&super::MAGIC);
         header.extend_from_slice(&3u32.to_le_bytes());
@@ -157,26 +159,45 @@ impl Builder {
             put_string(&mut header, key);
             put_value(&mut header, value);
         }
-        for (t, offset) in self.tensors.iter().zip(&offsets) {
+        let mut offset = 0usize;
+        for t in &self.tensors {
+            if t.dims.is_empty() || t.dims.len() > 4 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("tensor {} has {} dimensions", t.name, t.dims.len()),
+                ));
+            }
             put_string(&mut header, &t.name);
             header.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
             for d in &t.dims {
                 header.extend_from_slice(&d.to_le_bytes());
             }
             header.extend_from_slice(&t.dtype.ggml_id().to_le_bytes());
-            header.extend_from_slice(&offset.to_le_bytes());
+            header.extend_from_slice(&(offset as u64).to_le_bytes());
+            offset = (offset + t.data_bytes()).next_multiple_of(ALIGNMENT);
         }
         header.resize(header.len().next_multiple_of(ALIGNMENT), 0);
-        w.write_all(&header)?;
-
-        let padding = [0u8; ALIGNMENT];
-        for t in &self.tensors {
-            w.write_all(&t.data)?;
-            let pad = t.data.len().next_multiple_of(ALIGNMENT) - t.data.len();
-            w.write_all(&padding[..pad])?;
-        }
-        w.flush()
+        w.write_all(&header)
     }
+}
+
+/// Writes one tensor's data (and the padding after it), in header order.
+/// Fails with `InvalidInput` when `data` does not match the description.
+pub fn write_tensor<W: Write>(mut w: W, info: &TensorInfo, data: &[u8]) -> io::Result<()> {
+    if data.len() != info.data_bytes() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "tensor {} has {} bytes of data for dimensions {:?}",
+                info.name,
+                data.len(),
+                info.dims
+            ),
+        ));
+    }
+    w.write_all(data)?;
+    let pad = data.len().next_multiple_of(ALIGNMENT) - data.len();
+    w.write_all(&[0u8; ALIGNMENT][..pad])
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
@@ -290,6 +311,8 @@ mod tests {
     #[test]
     fn written_file_reads_back() {
         let mut b = Builder::new();
+        let w = TensorInfo::row_major("w", &[2, 3], TensorType::F16);
+        let bias = TensorInfo::row_major("b", &[3], TensorType::F32);
         b.meta("general.architecture", Value::String("bert".into()))
             .meta("bert.block_count", Value::U32(6))
             .meta("bert.attention.layer_norm_epsilon", Value::F32(1e-12))
@@ -299,10 +322,12 @@ mod tests {
                 Value::Strings(vec!["a".into(), "b".into()]),
             )
             .meta("tokenizer.ggml.token_type", Value::I32s(vec![1, 3]))
-            .tensor(Tensor::from_f32("w", &[2, 3], &[1.0; 6], TensorType::F16))
-            .tensor(Tensor::from_f32("b", &[3], &[0.5; 3], TensorType::F32));
+            .tensor(w.clone())
+            .tensor(bias.clone());
         let mut bytes = Vec::new();
-        b.write_to(&mut bytes).expect("writes");
+        b.write_header(&mut bytes).expect("writes the header");
+        write_tensor(&mut bytes, &w, &w.encode(&[1.0; 6])).expect("writes w");
+        write_tensor(&mut bytes, &bias, &bias.encode(&[0.5; 3])).expect("writes b");
         let summary =
             gguf::parse(bytes.as_slice(), bytes.len() as u64, Path::new("t.gguf")).expect("parses");
         assert_eq!(summary.version, 3);
@@ -319,14 +344,12 @@ mod tests {
 
     #[test]
     fn mismatched_tensor_data_is_refused() {
-        let mut b = Builder::new();
-        b.tensor(Tensor {
+        let info = TensorInfo {
             name: "w".into(),
             dims: vec![4],
             dtype: TensorType::F32,
-            data: vec![0; 8],
-        });
-        let err = b.write_to(Vec::new()).unwrap_err();
+        };
+        let err = write_tensor(Vec::new(), &info, &[0; 8]).unwrap_err();
         assert!(err.to_string().contains("tensor w"), "{err}");
     }
 }
