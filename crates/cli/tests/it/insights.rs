@@ -272,6 +272,49 @@ async fn aggregates_trends_and_forecasts_over_sites() {
         "a rising series forecasts higher: {f}"
     );
 
+    // The same through `strata insights`, from the hub's data directory.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(crate::support::STRATA)
+            .arg("insights")
+            .args(args)
+            .arg("--hub-data-dir")
+            .arg(&hub.dir)
+            .arg("--operator-token-file")
+            .arg(tmp.path().join("operator.token"))
+            .env("STRATA_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let listed = cli(&[
+        "list", "--site", "north", "--since", "400d", "--limit", "100",
+    ]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.contains("HassTurnOn")).count(),
+        20,
+        "{text}"
+    );
+    let bad = cli(&[
+        "aggregate",
+        "--kind",
+        "intent_count",
+        "--series",
+        "HassTurnOn",
+        "--bucket",
+        "1s",
+        "--since",
+        "400d",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("buckets"), "{err}");
+
     // Bad queries are problems.
     for (query, status_wanted) in [
         ("kind=intent_count", 400),
