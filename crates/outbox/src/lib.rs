@@ -63,11 +63,10 @@
 //!
 //! # Performance
 //!
-//! `cargo test --release -p outbox -- --ignored --nocapture group_commit_throughput`
-//! appends 300-byte records for 3 s per configuration. Throughput is records
-//! in flight divided by `fdatasync` latency, which on the shared 2-core
-//! development VM (ext4 on virtio) varied between runs from 0.26 ms (quiet) to
-//! 3.5 ms (other builds writing); appends/s, quiet run / busy run:
+//! `strata bench insights` measures it (see BENCHMARKS.md). Throughput is
+//! records in flight divided by `fdatasync` latency, which on a shared 2-core
+//! VM (ext4 on virtio) varied between runs from 0.26 ms (quiet) to 3.5 ms
+//! (other builds writing); appends/s of 300-byte records, quiet / busy:
 //!
 //! | threads x batch | 1 x 1 | 16 x 1 | 64 x 1 | 256 x 1 | 16 x 16 | 64 x 16 | 16 x 64 | 1 x 1000 |
 //! |-----------------|-------|--------|--------|---------|---------|---------|---------|----------|
