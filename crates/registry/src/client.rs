@@ -17,6 +17,11 @@ use crate::{Error, Sha256Digest};
 /// A document this crate has verified. Only this crate can make one (the
 /// fields are private and there is no `Deserialize`), so a function that
 /// takes `Verified<Manifest>` cannot be handed an unchecked manifest.
+///
+/// ```compile_fail
+/// // Outside this crate a `Verified` cannot be built by hand.
+/// let forged = registry::Verified { value: 7u32, sha256: registry::Sha256Digest([0; 32]) };
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verified<T> {
     value: T,
@@ -442,14 +447,14 @@ impl TrustedState {
             });
         }
         check_fresh(body, now)?;
-        if let Some(&installed) = self.installed.get(&body.name) {
-            if body.version <= installed {
-                return Err(Error::ModelRollback {
-                    name: body.name.clone(),
-                    installed,
-                    got: body.version,
-                });
-            }
+        if let Some(&installed) = self.installed.get(&body.name)
+            && body.version <= installed
+        {
+            return Err(Error::ModelRollback {
+                name: body.name.clone(),
+                installed,
+                got: body.version,
+            });
         }
         Ok(Verified {
             value: manifest.body,

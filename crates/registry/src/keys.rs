@@ -85,7 +85,6 @@ impl Sha256Digest {
     fn as_bytes(&self) -> &[u8] {
         &self.0
     }
-    #[allow(clippy::unnecessary_wraps)]
     fn from_bytes(bytes: [u8; 32]) -> Result<Self, Error> {
         Ok(Self(bytes))
     }
@@ -104,7 +103,6 @@ impl KeyId {
     fn as_bytes(&self) -> &[u8] {
         &self.0
     }
-    #[allow(clippy::unnecessary_wraps)]
     fn from_bytes(bytes: [u8; 32]) -> Result<Self, Error> {
         Ok(Self(bytes))
     }
@@ -154,7 +152,6 @@ impl SignatureBytes {
     fn as_bytes(&self) -> &[u8] {
         &self.0
     }
-    #[allow(clippy::unnecessary_wraps)]
     fn from_bytes(bytes: [u8; 64]) -> Result<Self, Error> {
         Ok(Self(bytes))
     }
@@ -307,7 +304,8 @@ mod tests {
         let key = SigningKey::generate(&mut ChaCha20Rng::seed_from_u64(1));
         let other = SigningKey::generate(&mut ChaCha20Rng::seed_from_u64(2));
         let good: serde_json::Value = serde_json::from_str(&key.to_key_file()).unwrap();
-        let edits: [(&str, fn(&mut serde_json::Value, &SigningKey)); 5] = [
+        type Edit = fn(&mut serde_json::Value, &SigningKey);
+        let edits: [(&str, Edit); 5] = [
             ("wrong type", |v, _| v["type"] = "pem".into()),
             ("unknown field", |v, _| v["comment"] = "hi".into()),
             ("other public key", |v, o| {

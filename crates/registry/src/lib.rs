@@ -16,21 +16,22 @@
 //! # Roles
 //!
 //! ```text
-//!                 root  (offline keys, k-of-n; signs itself and its successor)
-//!                   │ lists keys + threshold of every role
-//!     ┌─────────────┼───────────────────┬─────────────────────┐
-//!     ▼             ▼                   ▼                     ▼
-//!  targets       snapshot           timestamp            (root keys)
-//!  offline       online (hub)       online (hub)
-//!  signs every   pins targets       pins snapshot
-//!  manifest and  version+sha256     version+sha256,
-//!  lists each                       expires in hours
-//!  by sha256
-//!     │
-//!     ▼
-//!  manifest ──► artifact (sha256 + size_bytes)
+//!                  root      offline keys, k-of-n; signs itself, and every
+//!                   │        new root is signed by the old root's keys too
+//!                   │ lists every role's keys and threshold
+//!      ┌────────────┼──────────────────────┐
+//!      ▼            ▼                      ▼
+//!   targets      snapshot               timestamp
+//!   offline      online (hub)           online (hub), expires in hours
+//!      │         pins targets           pins snapshot
+//!      │         version + sha256       version + sha256
+//!      ▼
+//!   manifest     signed by targets keys, listed in targets by sha256
+//!      │ pins artifact sha256 + size_bytes
+//!      ▼
+//!   artifact
 //!
-//!  device: timestamp ─► snapshot ─► targets ─► manifest ─► artifact
+//!   a device reads: timestamp ─► snapshot ─► targets ─► manifest ─► artifact
 //! ```
 //!
 //! What each check defends against:
@@ -59,6 +60,16 @@
 //! writes them. `signed._type` names the kind. Key ids are the hex SHA-256 of
 //! the 32 public-key bytes; all binary values are lower-case hex; times are
 //! RFC 3339. Signing keys are stored as a [`KeyFile`].
+//!
+//! A document's digest (what [`MetaRef`] and [`ManifestRef`] pin, and
+//! [`digest`] computes) is the SHA-256 of that same canonical `signed`
+//! object, so re-encoding an envelope (pretty-printing, reordering keys,
+//! adding a co-signature) never changes it. Hex is lower case only, so every
+//! value has one spelling.
+//!
+//! A device persists [`TrustedState`] with serde as JSON; it holds the trusted
+//! bodies, their digests and the installed versions, and is as trustworthy
+//! as the file the agent keeps it in (mode 0600, written only by the agent).
 
 mod canonical;
 mod client;
