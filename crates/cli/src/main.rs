@@ -9,6 +9,7 @@ mod bench;
 mod cmd_edge;
 mod cmd_hub;
 mod cmd_insights;
+mod cmd_keys;
 mod cmd_model;
 mod demo;
 mod output;
@@ -39,6 +40,9 @@ enum Command {
     Edge(cmd_edge::EdgeCommand),
     /// What the fleet reported: insights, aggregates, trends, forecasts.
     Insights(cmd_insights::InsightsArgs),
+    /// The model registry's signing keys.
+    #[command(subcommand)]
+    Keys(cmd_keys::KeysCommand),
     /// Build and inspect models.
     #[command(subcommand)]
     Model(cmd_model::ModelCommand),
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
             Command::Edge(cmd) => cmd_edge::run(cmd).await,
             Command::Model(cmd) => cmd_model::run(cmd).await,
             Command::Insights(args) => cmd_insights::run(args).await,
+            Command::Keys(cmd) => cmd_keys::run(cmd),
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }

@@ -1,0 +1,213 @@
+//! `strata keys`: the model registry's signing keys.
+//!
+//! `strata keys init` is the key ceremony: it creates the offline root keys
+//! (several, with a threshold), the offline targets key that signs model
+//! manifests, and the online snapshot and timestamp keys the hub holds, and
+//! writes the first root metadata, signed by every root key. Nothing leaves
+//! the machine: key files are written with mode 0600, and the root
+//! metadata is what devices and the hub are given to trust.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use registry::{RoleSpec, Root, SigningKey};
+
+use crate::output::out;
+
+/// `strata keys …`
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Create the registry's keys and its first signed root metadata.
+    ///
+    /// Writes, into DIR: `root-1.key` … `root-N.key` (offline: keep them
+    /// apart, each with its holder), `targets.key` (offline: signs model
+    /// manifests on publish), `online/snapshot.key` and
+    /// `online/timestamp.key` (for the hub, which signs fresh snapshot and
+    /// timestamp metadata), and `root.json` (version 1, signed by every
+    /// root key; give it to the hub and to devices). Refuses a directory
+    /// that already holds a root.
+    Init(InitArgs),
+}
+
+/// `strata keys init`.
+#[derive(Debug, Args)]
+pub(crate) struct InitArgs {
+    /// Directory to write the keys and `root.json` into (created, mode 0700).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of root keys.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    root_keys: u32,
+    /// How many root keys must sign a new root.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    root_threshold: u32,
+    /// How long the root metadata stays valid (e.g. 365d).
+    #[arg(long, default_value = "365d")]
+    expires: humantime::Duration,
+}
+
+/// Runs `strata keys …`.
+pub(crate) fn run(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Init(args) => init(&args),
+    }
+}
+
+fn write_key(path: &Path, key: &SigningKey) -> anyhow::Result<()> {
+    durable::write_atomic(path, key.to_key_file().as_bytes(), durable::PRIVATE)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn init(args: &InitArgs) -> anyhow::Result<()> {
+    if args.root_threshold > args.root_keys {
+        bail!(
+            "--root-threshold {} is more than the {} root keys",
+            args.root_threshold,
+            args.root_keys
+        );
+    }
+    let root_file = args.out.join("root.json");
+    if root_file.exists() {
+        bail!(
+            "{} already holds registry keys (root.json exists); refusing to overwrite them",
+            args.out.display()
+        );
+    }
+    let online = args.out.join("online");
+    for dir in [&args.out, &online] {
+        durable::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+
+    let mut rng = rand::rng();
+    let roots: Vec<SigningKey> = (0..args.root_keys)
+        .map(|_| SigningKey::generate(&mut rng))
+        .collect();
+    let targets = SigningKey::generate(&mut rng);
+    let snapshot = SigningKey::generate(&mut rng);
+    let timestamp = SigningKey::generate(&mut rng);
+
+    let expires = time::OffsetDateTime::now_utc() + *args.expires;
+    let spec = |threshold: u32, keys: &[&SigningKey]| RoleSpec {
+        threshold,
+        keys: keys.iter().map(|k| k.public_key()).collect(),
+    };
+    let root = Root::new(
+        1,
+        expires,
+        spec(args.root_threshold, &roots.iter().collect::<Vec<_>>()),
+        spec(1, &[&targets]),
+        spec(1, &[&snapshot]),
+        spec(1, &[&timestamp]),
+    )?;
+    let signed = registry::sign(&root, &roots.iter().collect::<Vec<_>>())?;
+
+    for (i, key) in roots.iter().enumerate() {
+        write_key(&args.out.join(format!("root-{}.key", i + 1)), key)?;
+    }
+    write_key(&args.out.join("targets.key"), &targets)?;
+    write_key(&online.join("snapshot.key"), &snapshot)?;
+    write_key(&online.join("timestamp.key"), &timestamp)?;
+    // The root goes last: its presence marks a complete set of keys.
+    durable::write_atomic(&root_file, &signed, durable::PUBLIC)
+        .with_context(|| format!("writing {}", root_file.display()))?;
+
+    out(&format!(
+        "registry keys in {} (root metadata version 1, valid until {})",
+        args.out.display(),
+        expires.date()
+    ));
+    for (i, key) in roots.iter().enumerate() {
+        out(&format!(
+            "  root-{}.key       {}  (offline; {} of {} sign a new root)",
+            i + 1,
+            key.key_id().short(),
+            args.root_threshold,
+            args.root_keys
+        ));
+    }
+    out(&format!(
+        "  targets.key      {}  (offline; signs model manifests)",
+        targets.key_id().short()
+    ));
+    out(&format!(
+        "  online/snapshot.key   {}  (for the hub)",
+        snapshot.key_id().short()
+    ));
+    out(&format!(
+        "  online/timestamp.key  {}  (for the hub)",
+        timestamp.key_id().short()
+    ));
+    out("  root.json: give it to the hub and to every device as the registry's trust anchor");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_private_keys_and_a_root_devices_can_trust() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let args = InitArgs {
+            out: dir.clone(),
+            root_keys: 3,
+            root_threshold: 2,
+            expires: "30d".parse().unwrap(),
+        };
+        init(&args).unwrap();
+
+        let root = std::fs::read(dir.join("root.json")).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let trusted = registry::TrustedState::bootstrap(&root, now).expect("the root verifies");
+        assert_eq!(trusted.root().version, 1);
+        assert_eq!(trusted.root().roles.root.threshold, 2);
+        assert_eq!(trusted.root().roles.root.key_ids.len(), 3);
+
+        for name in [
+            "root-1.key",
+            "root-3.key",
+            "targets.key",
+            "online/timestamp.key",
+        ] {
+            let path = dir.join(name);
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+            let key = SigningKey::from_key_file(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            assert!(
+                trusted.root().keys.contains_key(&key.key_id()),
+                "{name} is in the root"
+            );
+        }
+        let targets =
+            SigningKey::from_key_file(&std::fs::read_to_string(dir.join("targets.key")).unwrap())
+                .unwrap();
+        assert!(
+            trusted
+                .root()
+                .roles
+                .targets
+                .key_ids
+                .contains(&targets.key_id())
+        );
+
+        // A second ceremony into the same directory is refused.
+        let again = init(&args).unwrap_err().to_string();
+        assert!(again.contains("refusing to overwrite"), "{again}");
+        // A threshold above the key count is refused.
+        let bad = InitArgs {
+            out: tmp.path().join("other"),
+            root_keys: 2,
+            root_threshold: 3,
+            expires: "30d".parse().unwrap(),
+        };
+        assert!(
+            init(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("--root-threshold")
+        );
+    }
+}
