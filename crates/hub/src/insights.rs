@@ -7,13 +7,13 @@
 //! only after the commit. A device that never hears the answer sends the
 //! batch again and is told the insights are duplicates.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use protocol::insight::{
     Insight, InsightBatch, InsightBatchAck, InsightList, MAX_BATCH_INSIGHTS, MAX_INSIGHT_BYTES,
 };
 use serde::Deserialize;
 use utoipa::IntoParams;
-use web::{ApiError, Json};
+use web::{ApiError, Json, Query};
 
 use crate::api::{AppState, DeviceAuth, OperatorAuth};
 use crate::store::{InsightFilter, NewInsight};
@@ -130,9 +130,8 @@ pub struct ListQuery {
 pub async fn list(
     State(state): State<AppState>,
     _operator: OperatorAuth,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    Query(q): Query<ListQuery>,
 ) -> Result<Json<InsightList>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("bad-query", e.body_text()))?;
     let limit = q.limit.unwrap_or(500);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad_request(
@@ -307,9 +306,8 @@ async fn site_buckets(
 pub async fn aggregates(
     State(state): State<AppState>,
     _operator: OperatorAuth,
-    query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
+    Query(q): Query<SeriesQuery>,
 ) -> Result<Json<Aggregates>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("bad-query", e.body_text()))?;
     let (kind, series) = q.kind_and_series()?;
     let spec = q.spec()?;
     let sites = site_buckets(&state, &kind, &series, &spec).await?;
@@ -367,9 +365,8 @@ pub struct Trends {
 pub async fn trends(
     State(state): State<AppState>,
     _operator: OperatorAuth,
-    query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
+    Query(q): Query<SeriesQuery>,
 ) -> Result<Json<Trends>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("bad-query", e.body_text()))?;
     let spec = q.spec()?;
     let stat = q.stat.unwrap_or(analytics::Statistic::Sum);
     let all = match (&q.kind, &q.series) {
@@ -457,9 +454,8 @@ pub struct SeriesForecast {
 pub async fn forecast(
     State(state): State<AppState>,
     _operator: OperatorAuth,
-    query: Result<Query<SeriesQuery>, axum::extract::rejection::QueryRejection>,
+    Query(q): Query<SeriesQuery>,
 ) -> Result<Json<SeriesForecast>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("bad-query", e.body_text()))?;
     let (kind, series) = q.kind_and_series()?;
     let spec = q.spec()?;
     let stat = q.stat.unwrap_or(analytics::Statistic::Sum);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -151,6 +151,30 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
         // Syntax and data errors (including unknown fields) are the client's
         // mistake in the body: 400, with serde's message naming the field.
         _ => ApiError::bad_request("malformed-body", detail),
+    }
+}
+
+/// A query string extractor whose rejections are problem bodies: a missing
+/// or malformed parameter, or an unknown one (for types that deny unknown
+/// fields), gives 400 `bad-query` naming it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::bad_request("bad-query", rejection.body_text())),
+        }
     }
 }
 

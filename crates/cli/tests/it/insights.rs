@@ -319,6 +319,8 @@ async fn aggregates_trends_and_forecasts_over_sites() {
     for (query, status_wanted) in [
         ("kind=intent_count", 400),
         ("kind=intent_count&series=HassTurnOn&bucket_secs=0", 400),
+        ("kind=intent_count&series=HassTurnOn&colour=red", 400),
+        ("kind=intent_count&series=HassTurnOn&horizon=soon", 400),
         ("kind=intent_count&series=Nothing&horizon=3", 404),
         ("kind=intent_count&series=HassTurnOn&site=nowhere", 404),
     ] {
