@@ -2,36 +2,12 @@
 //! hub's operator API: the insights themselves, per-site and fleet-wide
 //! aggregates, cross-site trends and forecasts.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
+use crate::operator::{HubConnection, Operator};
 use crate::output::out;
-
-/// How to reach the hub's operator API.
-#[derive(Debug, Args)]
-pub(crate) struct HubConnection {
-    /// The hub's data directory, on the hub's machine: its URL, CA and the
-    /// operator token file are read from there unless given below.
-    #[arg(long, env = "STRATA_HUB_DATA_DIR", global = true)]
-    hub_data_dir: Option<PathBuf>,
-    /// The hub's URL (e.g. https://hub.example:8443).
-    #[arg(long, env = "STRATA_HUB_URL", global = true)]
-    hub_url: Option<String>,
-    /// The hub's CA certificate (PEM), to verify the hub.
-    #[arg(long, env = "STRATA_HUB_CA", global = true)]
-    ca: Option<PathBuf>,
-    /// File holding the operator credential (as written by
-    /// `strata hub --operator-token-file`).
-    #[arg(long, env = "STRATA_OPERATOR_TOKEN_FILE", global = true)]
-    operator_token_file: Option<PathBuf>,
-    /// Print the hub's JSON answer instead of a table.
-    #[arg(long, global = true)]
-    json: bool,
-}
 
 /// `strata insights …`
 #[derive(Debug, Args)]
@@ -40,6 +16,9 @@ pub(crate) struct InsightsArgs {
     command: InsightsCommand,
     #[command(flatten)]
     hub: HubConnection,
+    /// Print the hub's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 /// Time range and bucket of a query.
@@ -133,71 +112,10 @@ fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// A client for the operator API.
-struct Operator {
-    client: reqwest::Client,
-    url: String,
-    token: String,
-}
-
-impl Operator {
-    fn connect(c: &HubConnection) -> anyhow::Result<Operator> {
-        let from_dir = |name: &str| c.hub_data_dir.as_ref().map(|d| d.join(name));
-        let url = match (&c.hub_url, from_dir("hub.url")) {
-            (Some(url), _) => url.clone(),
-            (None, Some(file)) => std::fs::read_to_string(&file)
-                .with_context(|| format!("reading the hub URL from {}", file.display()))?
-                .trim()
-                .to_owned(),
-            (None, None) => bail!("give --hub-url (or --hub-data-dir on the hub's machine)"),
-        };
-        let ca_file =
-            c.ca.clone()
-                .or_else(|| from_dir("tls/ca.crt"))
-                .context("give --ca with the hub's CA certificate (or --hub-data-dir)")?;
-        let ca = std::fs::read_to_string(&ca_file)
-            .with_context(|| format!("reading the hub CA {}", ca_file.display()))?;
-        let token = match &c.operator_token_file {
-            Some(file) => std::fs::read_to_string(file)
-                .with_context(|| format!("reading the operator credential {}", file.display()))?,
-            None => std::env::var("STRATA_OPERATOR_TOKEN").context(
-                "give --operator-token-file or set STRATA_OPERATOR_TOKEN to the operator credential",
-            )?,
-        };
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(pki::tls::ca_client_config(&ca)?)
-            .timeout(Duration::from_secs(30))
-            .build()?;
-        Ok(Operator {
-            client,
-            url: url.trim_end_matches('/').to_owned(),
-            token: token.trim().to_owned(),
-        })
-    }
-
-    async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(&self.token)
-            .query(query)
-            .send()
-            .await
-            .with_context(|| format!("reaching the hub at {}", self.url))?;
-        let status = response.status();
-        let body: Value = response.json().await.context("reading the hub's answer")?;
-        if !status.is_success() {
-            let detail = body["detail"].as_str().unwrap_or("no detail");
-            bail!("hub refused ({status}): {detail}");
-        }
-        Ok(body)
-    }
-}
-
 /// Runs `strata insights …`.
 pub(crate) async fn run(args: InsightsArgs) -> anyhow::Result<()> {
     let op = Operator::connect(&args.hub)?;
-    let json = args.hub.json;
+    let json = args.json;
     match args.command {
         InsightsCommand::List {
             device,

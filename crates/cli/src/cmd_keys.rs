@@ -45,6 +45,10 @@ pub(crate) struct InitArgs {
     /// How long the root metadata stays valid (e.g. 365d).
     #[arg(long, default_value = "365d")]
     expires: humantime::Duration,
+    /// Also install `root.json` and the online keys into this hub data
+    /// directory (its `registry/`), for a hub on this machine.
+    #[arg(long)]
+    hub_data_dir: Option<PathBuf>,
 }
 
 /// Runs `strata keys …`.
@@ -112,6 +116,18 @@ fn init(args: &InitArgs) -> anyhow::Result<()> {
     durable::write_atomic(&root_file, &signed, durable::PUBLIC)
         .with_context(|| format!("writing {}", root_file.display()))?;
 
+    if let Some(hub) = &args.hub_data_dir {
+        let dir = hub.join("registry");
+        durable::create_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_key(&dir.join("snapshot.key"), &snapshot)?;
+        write_key(&dir.join("timestamp.key"), &timestamp)?;
+        durable::write_atomic(&dir.join("root.json"), &signed, durable::PUBLIC)
+            .with_context(|| format!("writing {}", dir.join("root.json").display()))?;
+        out(&format!(
+            "installed root.json and the online keys in {}",
+            dir.display()
+        ));
+    }
     out(&format!(
         "registry keys in {} (root metadata version 1, valid until {})",
         args.out.display(),
@@ -156,6 +172,7 @@ mod tests {
             root_keys: 3,
             root_threshold: 2,
             expires: "30d".parse().unwrap(),
+            hub_data_dir: None,
         };
         init(&args).unwrap();
 
@@ -202,6 +219,7 @@ mod tests {
             root_keys: 2,
             root_threshold: 3,
             expires: "30d".parse().unwrap(),
+            hub_data_dir: None,
         };
         assert!(
             init(&bad)

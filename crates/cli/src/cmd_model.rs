@@ -19,6 +19,18 @@ pub(crate) enum ModelCommand {
     /// reports its accuracy on the held-out split. The head is written as
     /// safetensors with its label list in the metadata.
     TrainIntents(TrainIntentsArgs),
+    /// Sign a model and publish it to the hub's registry.
+    ///
+    /// Writes the manifest (artifact SHA-256 and size, runtime needs,
+    /// schema, metrics, provenance, expiry), signs it and a new targets
+    /// document with the targets key from `strata keys init`, checks the
+    /// hub's current metadata against `root.json` first, uploads the
+    /// artifact and registers the release. The hub signs a fresh snapshot
+    /// and timestamp and refuses anything a device would refuse.
+    #[command(disable_version_flag = true)]
+    Publish(crate::cmd_publish::PublishArgs),
+    /// List the releases published to the hub's registry.
+    List(crate::cmd_publish::ListArgs),
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +153,8 @@ pub(crate) fn train_intents(args: &TrainIntentsArgs) -> anyhow::Result<f64> {
 
 pub(crate) async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
+        ModelCommand::Publish(args) => crate::cmd_publish::publish(args).await,
+        ModelCommand::List(args) => crate::cmd_publish::list(args).await,
         ModelCommand::TrainIntents(args) => {
             tokio::task::spawn_blocking(move || train_intents(&args)).await??;
             Ok(())

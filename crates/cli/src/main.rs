@@ -11,7 +11,9 @@ mod cmd_hub;
 mod cmd_insights;
 mod cmd_keys;
 mod cmd_model;
+mod cmd_publish;
 mod demo;
+mod operator;
 mod output;
 
 use std::path::PathBuf;

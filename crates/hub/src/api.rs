@@ -108,6 +108,11 @@ impl AppState {
     pub fn metrics(&self) -> &HubMetrics {
         &self.inner.metrics
     }
+
+    /// The hub's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.inner.config.data_dir
+    }
 }
 
 /// The hub's routes.
@@ -132,6 +137,23 @@ pub fn router(state: AppState) -> Router {
             )),
         )
         .route("/v1/insights", get(crate::insights::list))
+        .route(
+            "/v1/artifacts/{sha256}",
+            get(crate::registry::get_artifact)
+                .put(crate::registry::put_artifact)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::registry::MAX_ARTIFACT_BYTES,
+                )),
+        )
+        .route(
+            "/v1/models",
+            get(crate::registry::list_models).post(crate::registry::publish),
+        )
+        .route(
+            "/v1/models/{name}/{version}/manifest",
+            get(crate::registry::get_manifest),
+        )
+        .route("/v1/registry/{kind}", get(crate::registry::get_doc))
         .route("/v1/insights/aggregates", get(crate::insights::aggregates))
         .route("/v1/insights/trends", get(crate::insights::trends))
         .route("/v1/insights/forecast", get(crate::insights::forecast))

@@ -14,6 +14,7 @@ pub mod events;
 pub mod insights;
 pub mod metrics;
 pub mod openapi;
+pub mod registry;
 pub mod server;
 pub mod store;
 pub mod tokens;

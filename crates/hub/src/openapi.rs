@@ -31,12 +31,19 @@ use crate::api;
         crate::insights::aggregates,
         crate::insights::trends,
         crate::insights::forecast,
+        crate::registry::put_artifact,
+        crate::registry::get_artifact,
+        crate::registry::publish,
+        crate::registry::list_models,
+        crate::registry::get_manifest,
+        crate::registry::get_doc,
     ),
     modifiers(&Security),
     tags(
         (name = "meta", description = "Health, metrics and this document"),
         (name = "devices", description = "Calls devices make"),
         (name = "operators", description = "Calls operators make"),
+        (name = "registry", description = "The signed model registry: artifacts, manifests and TUF-style metadata"),
         (name = "insights", description = "Insights devices delivered, and the fleet views computed from them"),
     )
 )]

@@ -22,8 +22,10 @@ use time::OffsetDateTime;
 use crate::Error;
 
 mod insights;
+mod registry;
 
 pub use insights::{Ingested, InsightFilter, NewInsight, SeriesPoint};
+pub use registry::{Publication, PublishedModel};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` holds how many
 /// have run. Never edit a released migration: append a new one.
@@ -96,6 +98,26 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (device_id, key)
     ) STRICT;
     CREATE INDEX insights_by_series ON insights (kind, series, start_ms);
+    "#,
+    // 3: the model registry.
+    r#"
+    CREATE TABLE registry_docs (
+        kind       TEXT NOT NULL CHECK (kind IN ('root', 'targets', 'snapshot', 'timestamp')),
+        version    INTEGER NOT NULL,
+        body       BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, version)
+    ) STRICT;
+    CREATE TABLE models (
+        name         TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        manifest     BLOB NOT NULL,
+        sha256       TEXT NOT NULL,
+        size_bytes   INTEGER NOT NULL,
+        format       TEXT NOT NULL,
+        published_at INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) STRICT;
     "#,
 ];
 

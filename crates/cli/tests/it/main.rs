@@ -7,5 +7,6 @@ mod enrolment;
 mod identity;
 mod inference;
 mod insights;
+mod model_registry;
 mod resilience;
 mod support;

@@ -1,0 +1,494 @@
+//! The model registry API: operators upload artifacts and publish signed
+//! manifests; devices read the signed metadata and download artifacts.
+//!
+//! The hub holds only the online keys (snapshot and timestamp), read from
+//! `DATA_DIR/registry/` where `strata keys init --hub-data-dir` puts them
+//! with the root metadata. A publication brings a manifest and a new
+//! targets document, both signed offline with the targets key; the hub signs
+//! a new snapshot pinning that targets and a new timestamp pinning the
+//! snapshot, then checks the whole chain exactly as a device will
+//! ([`registry::TrustedState`]), the artifact included, before it stores
+//! anything. What the hub serves is therefore what a device accepts.
+
+use std::path::{Path, PathBuf};
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path as UrlPath, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use registry::{Manifest, Snapshot, Timestamp, TrustedState};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use web::{ApiError, Json, Query};
+
+use crate::api::{AppState, DeviceAuth, OperatorAuth};
+use crate::store::{Publication, PublishedModel};
+
+/// How long the snapshot the hub signs stays valid.
+const SNAPSHOT_LIFETIME: time::Duration = time::Duration::days(7);
+/// How long the timestamp the hub signs stays valid (short: freeze defence).
+const TIMESTAMP_LIFETIME: time::Duration = time::Duration::days(1);
+/// Largest artifact accepted.
+pub const MAX_ARTIFACT_BYTES: usize = 2 << 30;
+
+/// Where the registry keeps its files in the hub's data directory.
+fn registry_dir(state: &AppState) -> PathBuf {
+    state.data_dir().join("registry")
+}
+
+fn artifact_path(state: &AppState, sha256: &str) -> PathBuf {
+    state.data_dir().join("artifacts").join(sha256)
+}
+
+/// The root metadata and online keys the hub holds.
+struct OnlineKeys {
+    root: Vec<u8>,
+    snapshot: registry::SigningKey,
+    timestamp: registry::SigningKey,
+}
+
+fn not_initialised() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "registry-not-initialised",
+        "the registry has no keys: run `strata keys init --hub-data-dir <hub data dir>` first",
+    )
+}
+
+fn load_keys(dir: &Path) -> Result<OnlineKeys, ApiError> {
+    let read = |name: &str| std::fs::read(dir.join(name));
+    let (Ok(root), Ok(snapshot), Ok(timestamp)) = (
+        read("root.json"),
+        read("snapshot.key"),
+        read("timestamp.key"),
+    ) else {
+        return Err(not_initialised());
+    };
+    let key = |bytes: Vec<u8>, name: &str| {
+        registry::SigningKey::from_key_file(&String::from_utf8_lossy(&bytes))
+            .map_err(|e| ApiError::internal(format!("registry key {name}: {e}")))
+    };
+    Ok(OnlineKeys {
+        root,
+        snapshot: key(snapshot, "snapshot.key")?,
+        timestamp: key(timestamp, "timestamp.key")?,
+    })
+}
+
+/// A caller allowed to read the registry: an enrolled device or an operator.
+#[derive(Debug)]
+pub struct Reader;
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if parts.headers.contains_key(header::AUTHORIZATION) {
+            OperatorAuth::from_request_parts(parts, state).await?;
+        } else {
+            DeviceAuth::from_request_parts(parts, state).await?;
+        }
+        Ok(Reader)
+    }
+}
+
+fn hex_sha(text: &str) -> Result<(), ApiError> {
+    if text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "bad-digest",
+            format!("{text:?} is not a lower-case hex SHA-256"),
+        ))
+    }
+}
+
+/// Uploads an artifact, stored under its SHA-256 (which must match).
+#[utoipa::path(put, path = "/v1/artifacts/{sha256}", tag = "registry",
+    security(("operator" = [])),
+    params(("sha256" = String, Path, description = "Hex SHA-256 of the body")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 400, description = "The body does not hash to the path's digest", body = protocol::Problem),
+        (status = 401, description = "No or wrong operator credential", body = protocol::Problem),
+        (status = 413, description = "Larger than 2 GiB", body = protocol::Problem),
+    ))]
+pub async fn put_artifact(
+    State(state): State<AppState>,
+    _operator: OperatorAuth,
+    UrlPath(sha256): UrlPath<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    hex_sha(&sha256)?;
+    let got = registry::Sha256Digest::of(&body).to_string();
+    if got != sha256 {
+        return Err(ApiError::bad_request(
+            "digest-mismatch",
+            format!("the body's SHA-256 is {got}, not {sha256}"),
+        ));
+    }
+    let path = artifact_path(&state, &sha256);
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            durable::create_private_dir(dir)?;
+        }
+        durable::write_atomic(&path, &body, durable::PRIVATE)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok(StatusCode::CREATED)
+}
+
+/// A publication: a signed manifest and the signed targets that lists it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// The signed manifest (the JSON text `strata model publish` signed).
+    pub manifest: String,
+    /// The signed targets metadata listing it.
+    pub targets: String,
+}
+
+/// What a publication made current.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Published {
+    /// The release.
+    pub model: PublishedModel,
+    /// Version of the targets metadata now current.
+    pub targets_version: u64,
+    /// Version of the snapshot the hub signed.
+    pub snapshot_version: u64,
+    /// Version of the timestamp the hub signed.
+    pub timestamp_version: u64,
+}
+
+fn refused(e: registry::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "registry-refused",
+        e.to_string(),
+    )
+}
+
+/// Publishes a model release: checks the signed manifest and targets the way
+/// a device will, signs a new snapshot and timestamp, stores it all.
+#[utoipa::path(post, path = "/v1/models", tag = "registry",
+    security(("operator" = [])),
+    request_body = PublishRequest,
+    responses(
+        (status = 201, description = "Published", body = Published),
+        (status = 401, description = "No or wrong operator credential", body = protocol::Problem),
+        (status = 409, description = "Registry not initialised, or this release exists", body = protocol::Problem),
+        (status = 422, description = "A signature, version, expiry or the artifact does not check out", body = protocol::Problem),
+    ))]
+pub async fn publish(
+    State(state): State<AppState>,
+    _operator: OperatorAuth,
+    Json(req): Json<PublishRequest>,
+) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let keys = load_keys(&registry_dir(&state))?;
+    let now = OffsetDateTime::now_utc();
+    let store = state.store();
+    let mut trusted = TrustedState::bootstrap(&keys.root, now).map_err(refused)?;
+    let root_version = trusted.root().version;
+    store
+        .put_registry_doc("root", root_version, keys.root.clone())
+        .await
+        .map_err(ApiError::internal)?;
+    // Bring the trusted view up to what is current, so versions only grow.
+    let current = |kind| async move { store.registry_doc(kind, None).await };
+    let (ts, snap, tg) = (
+        current("timestamp").await.map_err(ApiError::internal)?,
+        current("snapshot").await.map_err(ApiError::internal)?,
+        current("targets").await.map_err(ApiError::internal)?,
+    );
+    let (ts_version, snap_version) = (
+        ts.as_ref().map_or(0, |(v, _)| *v),
+        snap.as_ref().map_or(0, |(v, _)| *v),
+    );
+    if let (Some((_, ts)), Some((_, snap)), Some((_, tg))) = (&ts, &snap, &tg) {
+        // Past metadata may have expired; only monotonicity matters here.
+        let _ = trusted
+            .update_timestamp(ts, now)
+            .and_then(|()| trusted.update_snapshot(snap, now))
+            .and_then(|()| trusted.update_targets(tg, now));
+    }
+
+    let targets = req.targets.into_bytes();
+    let snapshot = registry::sign(
+        &Snapshot::new(snap_version + 1, now + SNAPSHOT_LIFETIME, &targets).map_err(refused)?,
+        &[&keys.snapshot],
+    )
+    .map_err(refused)?;
+    let timestamp = registry::sign(
+        &Timestamp::new(ts_version + 1, now + TIMESTAMP_LIFETIME, &snapshot).map_err(refused)?,
+        &[&keys.timestamp],
+    )
+    .map_err(refused)?;
+    trusted.update_timestamp(&timestamp, now).map_err(refused)?;
+    trusted.update_snapshot(&snapshot, now).map_err(refused)?;
+    trusted.update_targets(&targets, now).map_err(refused)?;
+    let manifest_bytes = req.manifest.into_bytes();
+    let verified = trusted
+        .verify_manifest(&manifest_bytes, now)
+        .map_err(refused)?;
+    let manifest: &Manifest = &verified;
+    let name = manifest.name.clone();
+    let version = manifest.version;
+    if let Some(newest) = store
+        .models(Some(name.clone()))
+        .await
+        .map_err(ApiError::internal)?
+        .first()
+        && newest.version >= version
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "version-not-newer",
+            format!(
+                "{name} version {version} is not newer than the published {}",
+                newest.version
+            ),
+        ));
+    }
+    let sha256 = manifest.artifact.sha256.to_string();
+    let format = serde_json::to_value(manifest.artifact.format)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let size_bytes = manifest.artifact.size_bytes;
+    let path = artifact_path(&state, &sha256);
+    let artifact = tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "artifact-missing",
+                format!("upload the artifact first: PUT /v1/artifacts/{sha256}"),
+            )
+        })?;
+    verified.check_artifact(&artifact).map_err(refused)?;
+
+    let target_version = trusted.targets().map_or(0, |t| t.version);
+    let model = PublishedModel {
+        name,
+        version,
+        sha256,
+        size_bytes,
+        format,
+        published_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
+    };
+    let stored = store
+        .publish(Publication {
+            model: model.clone(),
+            manifest: manifest_bytes,
+            documents: vec![
+                ("targets", target_version, targets),
+                ("snapshot", snap_version + 1, snapshot),
+                ("timestamp", ts_version + 1, timestamp),
+            ],
+        })
+        .await
+        .map_err(ApiError::internal)?;
+    if !stored {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "release-exists",
+            format!("{}@{} is already published", model.name, model.version),
+        ));
+    }
+    tracing::info!(model = %model.name, version = model.version, "model published");
+    Ok((
+        StatusCode::CREATED,
+        Json(Published {
+            model,
+            targets_version: target_version,
+            snapshot_version: snap_version + 1,
+            timestamp_version: ts_version + 1,
+        }),
+    ))
+}
+
+/// Published model releases, newest first.
+#[utoipa::path(get, path = "/v1/models", tag = "registry",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "Releases", body = Vec<PublishedModel>),
+        (status = 401, description = "No or wrong operator credential", body = protocol::Problem),
+    ))]
+pub async fn list_models(
+    State(state): State<AppState>,
+    _operator: OperatorAuth,
+) -> Result<Json<Vec<PublishedModel>>, ApiError> {
+    Ok(Json(
+        state
+            .store()
+            .models(None)
+            .await
+            .map_err(ApiError::internal)?,
+    ))
+}
+
+/// Query of a registry document: a version, or the current one.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DocQuery {
+    /// A version (default: the current one).
+    pub version: Option<u64>,
+}
+
+fn json_bytes(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// A signed registry document: `root`, `timestamp`, `snapshot` or `targets`.
+#[utoipa::path(get, path = "/v1/registry/{kind}", tag = "registry",
+    security(("device_certificate" = []), ("operator" = [])),
+    params(("kind" = String, Path, description = "root, timestamp, snapshot or targets"), DocQuery),
+    responses(
+        (status = 200, description = "The signed document", content_type = "application/json"),
+        (status = 404, description = "No such document (nothing published yet)", body = protocol::Problem),
+    ))]
+pub async fn get_doc(
+    State(state): State<AppState>,
+    _reader: Reader,
+    UrlPath(kind): UrlPath<String>,
+    Query(q): Query<DocQuery>,
+) -> Result<Response, ApiError> {
+    let kind: &'static str = match kind.as_str() {
+        "root" => "root",
+        "timestamp" => "timestamp",
+        "snapshot" => "snapshot",
+        "targets" => "targets",
+        other => {
+            return Err(ApiError::not_found(
+                "no-such-document",
+                format!(
+                    "{other:?} is not a registry document (root, timestamp, snapshot, targets)"
+                ),
+            ));
+        }
+    };
+    let doc = state
+        .store()
+        .registry_doc(kind, q.version)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::not_found("no-such-document", format!("no {kind} metadata yet"))
+        })?;
+    Ok(json_bytes(doc.1))
+}
+
+/// The signed manifest of a release.
+#[utoipa::path(get, path = "/v1/models/{name}/{version}/manifest", tag = "registry",
+    security(("device_certificate" = []), ("operator" = [])),
+    params(("name" = String, Path), ("version" = u64, Path)),
+    responses(
+        (status = 200, description = "The signed manifest", content_type = "application/json"),
+        (status = 404, description = "No such release", body = protocol::Problem),
+    ))]
+pub async fn get_manifest(
+    State(state): State<AppState>,
+    _reader: Reader,
+    UrlPath((name, version)): UrlPath<(String, u64)>,
+) -> Result<Response, ApiError> {
+    let manifest = state
+        .store()
+        .manifest(name.clone(), version)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "no-such-release",
+                format!("{name}@{version} is not published"),
+            )
+        })?;
+    Ok(json_bytes(manifest))
+}
+
+/// Parses `Range: bytes=START-` or `bytes=START-END` (one range).
+fn parse_range(headers: &HeaderMap, len: u64) -> Result<Option<(u64, u64)>, ApiError> {
+    let Some(value) = headers.get(header::RANGE) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "bad-range",
+            format!("Range must be one `bytes=START-[END]` within the {len} bytes"),
+        )
+        .with_header(
+            header::CONTENT_RANGE,
+            header::HeaderValue::from_str(&format!("bytes */{len}"))
+                .unwrap_or(header::HeaderValue::from_static("bytes */0")),
+        )
+    };
+    let text = value.to_str().map_err(|_| bad())?;
+    let spec = text.strip_prefix("bytes=").ok_or_else(bad)?;
+    let (start, end) = spec.split_once('-').ok_or_else(bad)?;
+    let start: u64 = start.trim().parse().map_err(|_| bad())?;
+    let end: u64 = match end.trim() {
+        "" => len.saturating_sub(1),
+        e => e
+            .parse::<u64>()
+            .map_err(|_| bad())?
+            .min(len.saturating_sub(1)),
+    };
+    if start >= len || end < start {
+        return Err(bad());
+    }
+    Ok(Some((start, end)))
+}
+
+/// Downloads an artifact; `Range: bytes=N-` resumes a cut download (206).
+#[utoipa::path(get, path = "/v1/artifacts/{sha256}", tag = "registry",
+    security(("device_certificate" = []), ("operator" = [])),
+    params(("sha256" = String, Path)),
+    responses(
+        (status = 200, description = "The artifact", content_type = "application/octet-stream"),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream"),
+        (status = 404, description = "No such artifact", body = protocol::Problem),
+        (status = 416, description = "Range not satisfiable", body = protocol::Problem),
+    ))]
+pub async fn get_artifact(
+    State(state): State<AppState>,
+    _reader: Reader,
+    UrlPath(sha256): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    hex_sha(&sha256)?;
+    let path = artifact_path(&state, &sha256);
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|_| ApiError::not_found("no-such-artifact", format!("no artifact {sha256}")))?;
+    let len = bytes.len() as u64;
+    let octets = (header::CONTENT_TYPE, "application/octet-stream");
+    let ranges = (header::ACCEPT_RANGES, "bytes");
+    match parse_range(&headers, len)? {
+        None => Ok(([octets, ranges], bytes).into_response()),
+        Some((start, end)) => {
+            let part = bytes[start as usize..=end as usize].to_vec();
+            let content_range = format!("bytes {start}-{end}/{len}");
+            Ok((
+                StatusCode::PARTIAL_CONTENT,
+                [
+                    octets,
+                    ranges,
+                    (header::CONTENT_RANGE, content_range.as_str()),
+                ],
+                part,
+            )
+                .into_response())
+        }
+    }
+}
