@@ -78,17 +78,9 @@ impl Operator {
             .send()
             .await
             .with_context(|| format!("reaching the hub at {}", self.url))?;
-        let status = response.status();
-        let body: Value = response.json().await.context("reading the hub's answer")?;
-        if !status.is_success() {
-            let detail = body["detail"].as_str().unwrap_or("no detail");
-            bail!("hub refused ({status}): {detail}");
-        }
-        Ok(body)
+        Self::answer(response).await
     }
-}
 
-impl Operator {
     /// Sends `body` as JSON and returns the answer's JSON.
     pub(crate) async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         let response = self
@@ -139,6 +131,7 @@ impl Operator {
         Ok(Some(response.bytes().await?.to_vec()))
     }
 
+    /// The answer's JSON, or the hub's problem detail as an error.
     async fn answer(response: reqwest::Response) -> anyhow::Result<Value> {
         let status = response.status();
         let body: Value = response.json().await.context("reading the hub's answer")?;

@@ -284,7 +284,7 @@ pub async fn publish(
         sha256,
         size_bytes,
         format,
-        published_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64,
+        published_ms: crate::store::to_ms(now),
     };
     let stored = store
         .publish(Publication {

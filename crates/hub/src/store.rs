@@ -122,7 +122,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Milliseconds since the Unix epoch, the unit of every stored time.
-fn to_ms(t: OffsetDateTime) -> i64 {
+pub(crate) fn to_ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 

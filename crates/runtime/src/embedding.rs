@@ -388,15 +388,8 @@ impl Worker {
             .with_pooling_type(LlamaPoolingType::Mean)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let mut ctx = match self.model.new_context(backend, params) {
-            Ok(ctx) => {
-                let _ = ready.send(Ok(()));
-                ctx
-            }
-            Err(e) => {
-                let _ = ready.send(Err(format!("cannot create a context: {e}")));
-                return;
-            }
+        let Some(mut ctx) = crate::llm::new_context(&self.model, backend, params, &ready) else {
+            return;
         };
         let mut batch = LlamaBatch::new(batch_tokens, 1);
         // The embedder was dropped when the channel closes.

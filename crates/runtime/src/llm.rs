@@ -294,6 +294,26 @@ pub(crate) fn backend() -> Result<&'static LlamaBackend, String> {
         .map_err(Clone::clone)
 }
 
+/// Creates a worker's context and tells the thread that started the worker
+/// whether it could; `None` when it could not (the worker then ends).
+pub(crate) fn new_context<'a>(
+    model: &'a LlamaModel,
+    backend: &LlamaBackend,
+    params: LlamaContextParams,
+    ready: &mpsc::Sender<Result<(), String>>,
+) -> Option<LlamaContext<'a>> {
+    match model.new_context(backend, params) {
+        Ok(ctx) => {
+            let _ = ready.send(Ok(()));
+            Some(ctx)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot create a context: {e}")));
+            None
+        }
+    }
+}
+
 /// A GGUF language model served by a pool of llama.cpp contexts.
 ///
 /// `LlmModel` is `Send + Sync`: share it in an `Arc` and call
@@ -628,15 +648,8 @@ impl Worker {
             .with_n_seq_max(1)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let mut ctx = match self.model.new_context(backend, params) {
-            Ok(ctx) => {
-                let _ = ready.send(Ok(()));
-                ctx
-            }
-            Err(e) => {
-                let _ = ready.send(Err(format!("cannot create a context: {e}")));
-                return;
-            }
+        let Some(mut ctx) = new_context(&self.model, backend, params, &ready) else {
+            return;
         };
         let mut batch = LlamaBatch::new(self.batch_size, 1);
         loop {
