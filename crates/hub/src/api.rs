@@ -133,7 +133,7 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/devices/{id}/insights",
             post(crate::insights::ingest).layer(axum::extract::DefaultBodyLimit::max(
-                protocol::insight::MAX_BATCH_BYTES,
+                crate::insights::TRANSPORT_LIMIT_BYTES,
             )),
         )
         .route("/v1/insights", get(crate::insights::list))

@@ -9,7 +9,8 @@
 
 use axum::extract::{Path, State};
 use protocol::insight::{
-    Insight, InsightBatch, InsightBatchAck, InsightList, MAX_BATCH_INSIGHTS, MAX_INSIGHT_BYTES,
+    Insight, InsightBatch, InsightBatchAck, InsightList, MAX_BATCH_BYTES, MAX_BATCH_INSIGHTS,
+    MAX_INSIGHT_BYTES,
 };
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -17,6 +18,9 @@ use web::{ApiError, Json, Query};
 
 use crate::api::{AppState, DeviceAuth, OperatorAuth};
 use crate::store::{InsightFilter, NewInsight};
+
+/// Bodies larger than this are cut off while being read (connection closed).
+pub const TRANSPORT_LIMIT_BYTES: usize = 4 * MAX_BATCH_BYTES;
 
 /// Receives a batch of insights from a device.
 #[utoipa::path(post, path = "/v1/devices/{id}/insights", tag = "devices",
@@ -28,14 +32,30 @@ use crate::store::{InsightFilter, NewInsight};
         (status = 400, description = "A malformed record; nothing was stored", body = protocol::Problem),
         (status = 403, description = "Revoked, unknown, or another device's id", body = protocol::Problem),
         (status = 413, description = "Batch too large; nothing was stored", body = protocol::Problem),
+        (status = 415, description = "Not JSON", body = protocol::Problem),
     ))]
 pub async fn ingest(
     State(state): State<AppState>,
     device: DeviceAuth,
     Path(id): Path<String>,
-    Json(batch): Json<InsightBatch>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<Json<InsightBatchAck>, ApiError> {
     device.require_self(&id, &state)?;
+    // The size is checked on the body as read, not by refusing early: a
+    // client still sending when the answer comes would see a reset instead
+    // of the 413 (bodies past TRANSPORT_LIMIT_BYTES still are cut off).
+    if body.len() > MAX_BATCH_BYTES {
+        return Err(ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "batch-too-large",
+            format!(
+                "batch is {} bytes; the most accepted is {MAX_BATCH_BYTES}",
+                body.len()
+            ),
+        ));
+    }
+    let batch: InsightBatch = web::json_from_bytes(&headers, &body)?;
     if batch.device_id != device.id {
         state.metrics().device_auth_refused.inc();
         return Err(ApiError::forbidden(
@@ -212,7 +232,7 @@ impl SeriesQuery {
 }
 
 fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+    crate::store::to_ms(time::OffsetDateTime::now_utc())
 }
 
 /// One bucket of an aggregate.

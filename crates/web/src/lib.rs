@@ -137,6 +137,31 @@ where
     }
 }
 
+/// Parses an already-read JSON body exactly as [`Json`] does (415 without a
+/// JSON content type, 400 naming the field for a malformed body), for
+/// handlers that must look at the raw body first (its size, say).
+pub fn json_from_bytes<T: DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
+    bytes: &[u8],
+) -> Result<T, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim)
+        .is_some_and(|ct| ct == "application/json" || ct.ends_with("+json"));
+    if !is_json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "request body must be JSON with `Content-Type: application/json`",
+        ));
+    }
+    axum::Json::<T>::from_bytes(bytes)
+        .map(|axum::Json(v)| v)
+        .map_err(json_rejection)
+}
+
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     let detail = rejection.body_text();
     match rejection {

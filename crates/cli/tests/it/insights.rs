@@ -126,7 +126,7 @@ async fn bad_batches_are_refused_whole_and_good_ones_stored_once() {
             id.clone(),
             json!({"device_id": id, "insights": [insight("big", &"s".repeat(200), t0, 1.0)], "pad": "x".repeat(1 << 21)}),
             413,
-            "",
+            "the most accepted is 1048576",
         ),
         (
             "unknown field",
