@@ -17,6 +17,8 @@
 //! `strata bench anomaly` ([`anomaly`]) compares the streaming anomaly
 //! detector with river's on the shuttle stream. `strata bench insights`
 //! ([`insights`]) measures the outbox and the hub's insight store.
+//! `strata bench rollout` ([`rollout`]) rolls a release out to a simulated
+//! fleet against a real hub.
 
 mod anomaly;
 mod embed;
@@ -24,6 +26,7 @@ mod http;
 mod insights;
 mod llm;
 mod report;
+mod rollout;
 pub(crate) mod setup;
 
 use std::path::PathBuf;
@@ -60,6 +63,13 @@ pub(crate) enum BenchCommand {
     /// second (group commit), hub ingest per second on SQLite, and the disk
     /// and memory each takes per million insights. Needs nothing installed.
     Insights(insights::InsightsArgs),
+    /// A staged rollout to a simulated fleet (1,000 devices by default)
+    /// against a real hub process: each device enrolls, holds its mTLS
+    /// event stream, verifies the signed metadata, downloads and checks the
+    /// artifact, and reports installed then committed. Prints the time from
+    /// create to 100% committed and the hub's CPU and memory over it.
+    /// Needs nothing installed.
+    Rollout(rollout::RolloutArgs),
     /// Internal: Strata's side of the LLM benchmark, run as a child process
     /// as llama-bench is.
     #[command(hide = true)]
@@ -157,6 +167,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Runtime(args) => runtime_bench(args).await,
         BenchCommand::Anomaly(args) => anomaly::run(args).await,
         BenchCommand::Insights(args) => insights::run(args).await,
+        BenchCommand::Rollout(args) => rollout::run(args).await,
         BenchCommand::LlmWorker(args) => llm::worker(args).await,
         BenchCommand::EmbedWorker(args) => embed::worker(args).await,
     }

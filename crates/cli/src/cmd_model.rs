@@ -31,6 +31,9 @@ pub(crate) enum ModelCommand {
     Publish(crate::cmd_publish::PublishArgs),
     /// List the releases published to the hub's registry.
     List(crate::cmd_publish::ListArgs),
+    /// Show a release's signed manifest: artifact, runtime needs, schema,
+    /// metrics, provenance, health probes, expiry and signatures.
+    Show(crate::cmd_publish::ShowArgs),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +60,10 @@ pub(crate) struct TrainIntentsArgs {
     /// Seed for initialisation and shuffling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Also write a health check for `strata model publish --health`:
+    /// held-out sentences with their intents as probes, 80 % to pass.
+    #[arg(long)]
+    health_out: Option<PathBuf>,
 }
 
 impl TrainIntentsArgs {
@@ -70,7 +77,16 @@ impl TrainIntentsArgs {
             hidden: 128,
             epochs: 40,
             seed: 42,
+            health_out: None,
         }
+    }
+
+    /// The demo's training of a second release: another seed, with its
+    /// health check written beside it.
+    pub(crate) fn with_seed(mut self, seed: u64, health_out: PathBuf) -> Self {
+        self.seed = seed;
+        self.health_out = Some(health_out);
+        self
     }
 }
 
@@ -138,6 +154,27 @@ pub(crate) fn train_intents(args: &TrainIntentsArgs) -> anyhow::Result<f64> {
     eval.head
         .save(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
+    if let Some(path) = &args.health_out {
+        let (_, held_out) = dataset.split(args.held_out);
+        // Every few held-out sentences, spread over the intents.
+        let step = (held_out.len() / 48).max(1);
+        let probes: Vec<registry::Probe> = held_out
+            .iter()
+            .step_by(step)
+            .take(48)
+            .map(|e| registry::Probe {
+                input: e.text.clone(),
+                expect: e.intent.clone(),
+            })
+            .collect();
+        let health = registry::HealthCheck {
+            probes,
+            min_pass: 0.8,
+            max_latency_ms: Some(2000),
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&health)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     out(&format!(
         "Trained an intent head on {} sentences ({} intents) in {:.1}s: held-out accuracy {:.3} on {} sentences (train {:.3}). Wrote {}",
         eval.n_train,
@@ -155,6 +192,7 @@ pub(crate) async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Publish(args) => crate::cmd_publish::publish(args).await,
         ModelCommand::List(args) => crate::cmd_publish::list(args).await,
+        ModelCommand::Show(args) => crate::cmd_publish::show(args).await,
         ModelCommand::TrainIntents(args) => {
             tokio::task::spawn_blocking(move || train_intents(&args)).await??;
             Ok(())

@@ -56,6 +56,12 @@ pub(crate) struct PublishArgs {
     /// What the model gives: text, tokens, embedding, labels or tensors.
     #[arg(long, default_value = "text")]
     output: String,
+    /// The health check devices run before serving the release: a JSON
+    /// file `{"probes": [{"input": "…", "expect": "…"}], "min_pass": 0.9,
+    /// "max_latency_ms": 500}` (expect: the label of a classifier, a
+    /// substring of a language model's answer, empty for embeddings).
+    #[arg(long)]
+    health: Option<PathBuf>,
     #[command(flatten)]
     hub: HubConnection,
 }
@@ -131,6 +137,17 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         }
     };
 
+    let health = match &args.health {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                serde_json::from_str::<registry::HealthCheck>(&text)
+                    .with_context(|| format!("{} is not a health check", path.display()))?,
+            )
+        }
+    };
     let min_agent_version: AgentVersion = args
         .min_agent_version
         .as_deref()
@@ -173,6 +190,7 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             sha256,
         },
+        health,
         expires: now + *args.expires,
     };
     let mut targets = match current {
@@ -238,5 +256,48 @@ pub(crate) async fn list(args: ListArgs) -> anyhow::Result<()> {
             m["sha256"].as_str().unwrap_or(""),
         ));
     }
+    Ok(())
+}
+
+/// `strata model show NAME[@VERSION]`.
+#[derive(Debug, Args)]
+pub(crate) struct ShowArgs {
+    /// The release, `name@version`, or `name` for the newest.
+    release: String,
+    #[command(flatten)]
+    hub: HubConnection,
+}
+
+/// Runs `strata model show`.
+pub(crate) async fn show(args: ShowArgs) -> anyhow::Result<()> {
+    let op = Operator::connect(&args.hub)?;
+    let (name, version) = match args.release.split_once('@') {
+        Some((n, v)) => (
+            n.to_owned(),
+            v.parse::<u64>()
+                .with_context(|| format!("{v:?} is not a version number"))?,
+        ),
+        None => {
+            let models = op.get("/v1/models", &[]).await?;
+            let newest = models
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|m| m["name"] == args.release.as_str())
+                .filter_map(|m| m["version"].as_u64())
+                .max();
+            match newest {
+                Some(v) => (args.release.clone(), v),
+                None => bail!("no release of {:?} is published", args.release),
+            }
+        }
+    };
+    let signed = op
+        .get_raw(&format!("/v1/models/{name}/{version}/manifest"))
+        .await?
+        .with_context(|| format!("{name}@{version} is not published"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&signed).context("the hub sent a manifest that is not JSON")?;
+    out(&serde_json::to_string_pretty(&value)?);
     Ok(())
 }

@@ -21,6 +21,8 @@ use netfault::FaultProxy;
 
 use crate::output::out;
 
+mod rollout_act;
+
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
     /// Number of simulated devices.
@@ -214,7 +216,8 @@ impl Fleet {
                 "# Written by strata demo: the configuration of every device of {site}.\n\
                  [hub]\n# The site's uplink to the hub.\nurl = \"https://{}\"\nreconnect_max_ms = 2000\n\n\
                  [inference]\nmax_concurrent = 2\n\n\
-                 [insights]\n# Short windows, so the demo shows insights within seconds.\nwindow_secs = 5\n\n{models}",
+                 [insights]\n# Short windows, so the demo shows insights within seconds.\nwindow_secs = 5\n\n\
+                 [updates]\n# A short health window, so a rollout finishes within the demo.\nhealth_window_secs = 3\n\n{models}",
                 uplink.addr()
             );
             std::fs::write(&config, text)
@@ -374,10 +377,11 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// The demo's acts, in order. Each later capability adds its act here.
 async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
     out(&format!("Hub up at {}", fleet.hub_url));
-    let models = if args.no_models {
-        String::new()
+    let (models, head) = if args.no_models {
+        (String::new(), None)
     } else {
-        prepare_models().await?
+        let (models, head) = prepare_models().await?;
+        (models, Some(head))
     };
     fleet.enrol(args.devices, args.sites, &models).await?;
     fleet.wait_online(Duration::from_secs(120)).await?;
@@ -419,12 +423,16 @@ async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
         site_offline(fleet, !args.no_models).await?;
         out("");
     }
+    if let Some(head) = &head {
+        rollout_act::run(fleet, head).await?;
+        out("");
+    }
     watch(fleet, args.duration.map(Into::into)).await
 }
 
 /// Trains the intent head (once, cached beside the assets) and returns the
 /// `[[models]]` part of the edge configuration every demo device serves.
-async fn prepare_models() -> anyhow::Result<String> {
+async fn prepare_models() -> anyhow::Result<(String, PathBuf)> {
     let assets = crate::cmd_model::assets_dir();
     let gguf = assets.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
     let minilm = assets.join("all-minilm-l6-v2");
@@ -444,7 +452,7 @@ async fn prepare_models() -> anyhow::Result<String> {
         let args = crate::cmd_model::TrainIntentsArgs::for_demo(head.clone());
         tokio::task::spawn_blocking(move || crate::cmd_model::train_intents(&args)).await??;
     }
-    Ok(format!(
+    let models = format!(
         r#"[[models]]
 id = "smollm2"
 kind = "llm"
@@ -471,7 +479,8 @@ n_features = 9
         gguf = gguf.display().to_string(),
         minilm = minilm.display().to_string(),
         head = head.display().to_string(),
-    ))
+    );
+    Ok((models, head))
 }
 
 /// Sends each kind of request to a device of each site and shows the answers.

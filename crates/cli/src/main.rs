@@ -12,6 +12,7 @@ mod cmd_insights;
 mod cmd_keys;
 mod cmd_model;
 mod cmd_publish;
+mod cmd_rollout;
 mod demo;
 mod operator;
 mod output;
@@ -48,6 +49,9 @@ enum Command {
     /// Build and inspect models.
     #[command(subcommand)]
     Model(cmd_model::ModelCommand),
+    /// Roll published model releases out to the fleet in health-gated stages.
+    #[command(subcommand)]
+    Rollout(cmd_rollout::RolloutCommand),
     /// Start a hub and a simulated fleet of real agents on this machine and
     /// show the fleet live.
     Demo(demo::DemoArgs),
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
             Command::Model(cmd) => cmd_model::run(cmd).await,
             Command::Insights(args) => cmd_insights::run(args).await,
             Command::Keys(cmd) => cmd_keys::run(cmd),
+            Command::Rollout(cmd) => cmd_rollout::run(cmd).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }

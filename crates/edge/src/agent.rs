@@ -66,7 +66,11 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
             reason: crate::chain(&e),
         })?;
 
-    let (loaded, models) = load_models(&config.catalogue).await;
+    // Which installed releases serve (a release left on trial by a run
+    // that died is rolled back here), then load the catalogue with them.
+    let disk = crate::updater::disk::Disk::new(dir.root());
+    let resolved = crate::updater::resolve_installed(&disk, &state, &config.catalogue);
+    let (loaded, embedders, models) = load_models(&config.catalogue, resolved.paths).await;
     let (metrics, registry) = AgentMetrics::new();
     let status = Arc::new(Status::new(
         enrolment.clone(),
@@ -80,6 +84,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         config.insight_window,
         config.anomaly_threshold,
     )?);
+    status.set_installed(resolved.installed);
     let inference = Arc::new(
         Inference::new(
             loaded,
@@ -109,7 +114,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
             insights: Arc::clone(&insights),
         },
         metrics.http.clone(),
-        inference,
+        Arc::clone(&inference),
     );
     let serve = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -118,13 +123,34 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
     });
 
     let batch_max = config.insight_batch_max;
+    let updater = crate::updater::Updater::new(crate::updater::UpdaterParts {
+        data_dir: dir.root().to_owned(),
+        state: state.clone(),
+        status: Arc::clone(&status),
+        inference: Arc::clone(&inference),
+        catalogue: config.catalogue.clone(),
+        embedders,
+        registry: crate::updater::fetch::RegistryClient::new(
+            client.clone(),
+            &enrolment.hub_url,
+            config.request_timeout,
+        ),
+        config: config.updates.clone(),
+        backoff: (config.reconnect_min, config.reconnect_max),
+    });
     let link = Link::new(
-        client,
+        client.clone(),
         Arc::clone(&status),
         state,
         config,
         Some(format!("http://{local_addr}")),
-    );
+    )
+    .with_updater(Arc::clone(&updater));
+    let updates = tokio::spawn(Arc::clone(&updater).run());
+    let reports = tokio::spawn(updater.report_loop(
+        client,
+        format!("{}/v1/devices/{}", enrolment.hub_url, enrolment.device_id),
+    ));
     let heartbeats = tokio::spawn(link.clone().heartbeat_loop());
     let stream = tokio::spawn(link.clone().stream_loop());
     let delivery = tokio::spawn(link.delivery_loop(Arc::clone(&insights), batch_max));
@@ -134,7 +160,9 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         device_id: enrolment.device_id,
         local_addr,
         status,
-        tasks: vec![serve, heartbeats, stream, delivery, windows],
+        tasks: vec![
+            serve, heartbeats, stream, delivery, windows, updates, reports,
+        ],
     })
 }
 
@@ -158,8 +186,10 @@ async fn close_windows(insights: Arc<Insights>) {
 /// logged and reported in the status; the others are served.
 async fn load_models(
     catalogue: &runtime::Catalogue,
+    paths: std::collections::BTreeMap<String, std::path::PathBuf>,
 ) -> (
     std::collections::BTreeMap<String, Arc<dyn runtime::ModelBackend>>,
+    std::collections::BTreeMap<String, Arc<runtime::Embedder>>,
     Vec<protocol::LocalModel>,
 ) {
     let kinds: Vec<(String, String)> = catalogue
@@ -169,7 +199,9 @@ async fn load_models(
         .collect();
     let catalogue = catalogue.clone();
     let loaded =
-        match tokio::task::spawn_blocking(move || runtime::catalogue::load(&catalogue)).await {
+        match tokio::task::spawn_blocking(move || runtime::catalogue::load(&catalogue, &paths))
+            .await
+        {
             Ok(loaded) => loaded,
             Err(e) => {
                 tracing::error!(error = %e, "model loading failed");
@@ -196,5 +228,5 @@ async fn load_models(
             error,
         });
     }
-    (loaded.models, statuses)
+    (loaded.models, loaded.embedders, statuses)
 }

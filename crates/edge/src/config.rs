@@ -29,6 +29,9 @@ pub struct RawConfig {
     /// Insights: what the device derives, keeps and delivers.
     #[serde(default)]
     pub insights: RawInsights,
+    /// Model updates from the registry.
+    #[serde(default)]
+    pub updates: RawUpdates,
     /// The models this device serves (`[[models]]` tables; see the runtime
     /// catalogue for the fields of each kind). Relative paths are resolved
     /// against the directory of the configuration file.
@@ -68,6 +71,24 @@ pub struct RawInsights {
     /// An anomaly score at or above this raises an `anomaly` alert.
     /// Default: 0.9.
     pub anomaly_threshold: Option<f64>,
+}
+
+/// `[updates]`: how the device installs the model releases rollouts send.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpdates {
+    /// Seconds a new release serves on trial, watched, before it is
+    /// committed; a failed window rolls it back. Default: 60.
+    pub health_window_secs: Option<u64>,
+    /// Largest fraction of the new release's requests that may fail in
+    /// its health window. Default: 0.05.
+    pub max_error_rate: Option<f64>,
+    /// Cap on download speed, in bytes per second, for devices on metered
+    /// or shared links. Default: no cap.
+    pub download_rate_bytes_per_sec: Option<u64>,
+    /// The registry's `root.json` this device was provisioned with. Default:
+    /// the hub's first root, read over the channel the join pinned.
+    pub trust_root: Option<PathBuf>,
 }
 
 /// `[local_api]`: the HTTP API applications on the device call.
@@ -134,6 +155,8 @@ pub struct Config {
     pub insight_batch_max: usize,
     /// See [`RawInsights::anomaly_threshold`].
     pub anomaly_threshold: f64,
+    /// See [`RawUpdates`].
+    pub updates: crate::updater::UpdateConfig,
 }
 
 impl RawConfig {
@@ -162,6 +185,11 @@ impl RawConfig {
         config.queue_timeout =
             Duration::from_millis(self.inference.queue_timeout_ms.unwrap_or(30_000));
         config.catalogue = catalogue;
+        if let Some(root) = &mut config.updates.trust_root
+            && root.is_relative()
+        {
+            *root = base_dir.join(&*root);
+        }
         Ok(config)
     }
 
@@ -205,6 +233,31 @@ impl RawConfig {
                 "insights.anomaly_threshold must be in (0, 1], got {threshold}"
             )));
         }
+        let window = self.updates.health_window_secs.unwrap_or(60);
+        if !(1..=86_400).contains(&window) {
+            return Err(Error::Config(format!(
+                "updates.health_window_secs must be between 1 and 86400, got {window}"
+            )));
+        }
+        let max_error_rate = self.updates.max_error_rate.unwrap_or(0.05);
+        if !(0.0..=1.0).contains(&max_error_rate) {
+            return Err(Error::Config(format!(
+                "updates.max_error_rate must be between 0 and 1, got {max_error_rate}"
+            )));
+        }
+        if let Some(rate) = self.updates.download_rate_bytes_per_sec
+            && rate < 1024
+        {
+            return Err(Error::Config(format!(
+                "updates.download_rate_bytes_per_sec must be at least 1024, got {rate}"
+            )));
+        }
+        let updates = crate::updater::UpdateConfig {
+            health_window: Duration::from_secs(window),
+            max_error_rate,
+            download_rate: self.updates.download_rate_bytes_per_sec,
+            trust_root: self.updates.trust_root.clone(),
+        };
         let timeout = self.hub.request_timeout_secs.unwrap_or(10);
         if !(1..=300).contains(&timeout) {
             return Err(Error::Config(format!(
@@ -239,6 +292,7 @@ impl RawConfig {
             outbox_budget_bytes: budget,
             insight_batch_max: batch_max,
             anomaly_threshold: threshold,
+            updates,
         })
     }
 }
@@ -281,6 +335,12 @@ mod tests {
             ),
             ("[insights]\nbatch_max = 5000", "batch_max"),
             ("[insights]\nanomaly_threshold = 1.5", "anomaly_threshold"),
+            ("[updates]\nhealth_window_secs = 0", "health_window_secs"),
+            ("[updates]\nmax_error_rate = 2", "max_error_rate"),
+            (
+                "[updates]\ndownload_rate_bytes_per_sec = 5",
+                "download_rate_bytes_per_sec",
+            ),
         ];
         for (text, needle) in cases {
             let err = RawConfig::from_toml(text)

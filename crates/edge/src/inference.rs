@@ -208,9 +208,70 @@ impl Admission {
     }
 }
 
+/// Requests to one model counted while it is watched (an update's health
+/// window); see [`Inference::watch`].
+#[derive(Debug, Default)]
+pub struct ModelWatch {
+    inner: std::sync::Mutex<WatchCounts>,
+}
+
+/// What a [`ModelWatch`] counted.
+#[derive(Debug, Default, Clone)]
+pub struct WatchCounts {
+    /// Requests served.
+    pub requests: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// Latency of each request, in ms (the first 10,000).
+    pub latencies_ms: Vec<f64>,
+}
+
+impl WatchCounts {
+    /// The 95th-percentile latency, if any request was timed.
+    pub fn p95_ms(&self) -> Option<f64> {
+        if self.latencies_ms.is_empty() {
+            return None;
+        }
+        let mut sorted = self.latencies_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let rank = ((sorted.len() as f64) * 0.95).ceil() as usize;
+        Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    }
+}
+
+impl ModelWatch {
+    fn record(&self, ms: f64, failed: bool) {
+        let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        c.requests += 1;
+        c.errors += u64::from(failed);
+        if c.latencies_ms.len() < 10_000 {
+            c.latencies_ms.push(ms);
+        }
+    }
+
+    /// What was counted so far.
+    pub fn counts(&self) -> WatchCounts {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A text generation model, checked to be one.
+struct Generator(Arc<dyn ModelBackend>);
+
+impl Generator {
+    fn get(&self) -> &dyn TextGenerator {
+        match self.0.as_generator() {
+            Some(g) => g,
+            // `generator()` builds a Generator only from a model that is one.
+            None => unreachable!("a Generator wraps a text generation model"),
+        }
+    }
+}
+
 /// The models the agent serves.
 pub struct Inference {
-    models: BTreeMap<String, Arc<dyn ModelBackend>>,
+    models: std::sync::RwLock<BTreeMap<String, Arc<dyn ModelBackend>>>,
+    watches: std::sync::Mutex<BTreeMap<String, Arc<ModelWatch>>>,
     loaded_at: i64,
     admission: Admission,
     insights: Option<Arc<Insights>>,
@@ -220,6 +281,7 @@ pub struct Inference {
 /// without [`RequestTimer::ok`], the request counts as failed.
 struct RequestTimer {
     insights: Option<Arc<Insights>>,
+    watch: Option<Arc<ModelWatch>>,
     model: String,
     started: Instant,
     ok: bool,
@@ -233,9 +295,12 @@ impl RequestTimer {
 
 impl Drop for RequestTimer {
     fn drop(&mut self) {
+        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
         if let Some(insights) = &self.insights {
-            let ms = self.started.elapsed().as_secs_f64() * 1000.0;
             insights.observe_request(&self.model, ms, !self.ok);
+        }
+        if let Some(watch) = &self.watch {
+            watch.record(ms, !self.ok);
         }
     }
 }
@@ -243,7 +308,7 @@ impl Drop for RequestTimer {
 impl std::fmt::Debug for Inference {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inference")
-            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .field("models", &self.model_ids())
             .finish_non_exhaustive()
     }
 }
@@ -252,7 +317,8 @@ impl Inference {
     /// Serves `models` with the given admission limits.
     pub fn new(models: BTreeMap<String, Arc<dyn ModelBackend>>, admission: Admission) -> Self {
         Self {
-            models,
+            models: std::sync::RwLock::new(models),
+            watches: std::sync::Mutex::default(),
             loaded_at: time::OffsetDateTime::now_utc().unix_timestamp(),
             admission,
             insights: None,
@@ -268,6 +334,12 @@ impl Inference {
     fn timer(&self, model: &str) -> RequestTimer {
         RequestTimer {
             insights: self.insights.clone(),
+            watch: self
+                .watches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(model)
+                .cloned(),
             model: model.to_owned(),
             started: Instant::now(),
             ok: false,
@@ -280,15 +352,59 @@ impl Inference {
         }
     }
 
-    fn model(&self, id: &str) -> Result<&Arc<dyn ModelBackend>, ApiError> {
-        self.models.get(id).ok_or_else(|| {
+    fn model_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<dyn ModelBackend>>> {
+        // A panic while holding the lock cannot leave the map half-updated
+        // (every write is one insert), so recover from poisoning.
+        self.models.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn model_ids(&self) -> Vec<String> {
+        self.model_map().keys().cloned().collect()
+    }
+
+    /// The model served as `id`, if any.
+    pub fn get(&self, id: &str) -> Option<Arc<dyn ModelBackend>> {
+        self.model_map().get(id).cloned()
+    }
+
+    /// Serves `model` as `id` from the next request on; requests already
+    /// running finish on the model they started with. Returns the model it
+    /// replaces.
+    pub fn replace(&self, id: &str, model: Arc<dyn ModelBackend>) -> Option<Arc<dyn ModelBackend>> {
+        self.models
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), model)
+    }
+
+    /// Starts counting the requests to model `id` (replacing any earlier
+    /// watch of it), until [`unwatch`](Self::unwatch).
+    pub fn watch(&self, id: &str) -> Arc<ModelWatch> {
+        let watch = Arc::new(ModelWatch::default());
+        self.watches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), Arc::clone(&watch));
+        watch
+    }
+
+    /// Stops counting the requests to model `id`.
+    pub fn unwatch(&self, id: &str) {
+        self.watches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    fn model(&self, id: &str) -> Result<Arc<dyn ModelBackend>, ApiError> {
+        self.get(id).ok_or_else(|| {
             let mut e = ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found_error",
                 "model_not_found",
                 format!(
                     "model {id:?} is not served here; available: {}",
-                    self.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                    self.model_ids().join(", ")
                 ),
             );
             e.detail.param = Some("model".into());
@@ -319,7 +435,7 @@ async fn models(State(inf): State<Arc<Inference>>) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
         data: inf
-            .models
+            .model_map()
             .iter()
             .map(|(id, m)| Model {
                 id: id.clone(),
@@ -377,10 +493,12 @@ fn generation_request(prompt: Prompt, s: Sampling) -> Result<GenerationRequest, 
     })
 }
 
-fn generator<'a>(inf: &'a Inference, id: &str) -> Result<&'a dyn TextGenerator, ApiError> {
-    inf.model(id)?
-        .as_generator()
-        .ok_or_else(|| Inference::wrong_kind(id, "a text generation model"))
+fn generator(inf: &Inference, id: &str) -> Result<Generator, ApiError> {
+    let model = inf.model(id)?;
+    if model.as_generator().is_none() {
+        return Err(Inference::wrong_kind(id, "a text generation model"));
+    }
+    Ok(Generator(model))
 }
 
 fn text_of(content: MessageContent) -> Result<String, ApiError> {
@@ -480,7 +598,8 @@ async fn chat(
     State(inf): State<Arc<Inference>>,
     OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let g = generator(&inf, &req.model)?;
+    let g_model = generator(&inf, &req.model)?;
+    let g = g_model.get();
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::invalid("n", "only n = 1 is supported"));
     }
@@ -530,7 +649,7 @@ async fn chat(
         },
     )?;
     let _ = g;
-    let model = Arc::clone(inf.model(&req.model)?);
+    let model = inf.model(&req.model)?;
     let id = response_id("chatcmpl");
     let created = now();
     let model_id = req.model.clone();
@@ -614,7 +733,8 @@ async fn chat(
     }
 
     let generation = generate_whole(&inf, model, request).await?;
-    let g = generator(&inf, &model_id)?;
+    let g_model = generator(&inf, &model_id)?;
+    let g = g_model.get();
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion".into(),
@@ -794,7 +914,7 @@ async fn completions(
             top_logprobs: top,
         },
     )?;
-    let model = Arc::clone(inf.model(&req.model)?);
+    let model = inf.model(&req.model)?;
     let id = response_id("cmpl");
     let created = now();
     let model_id = req.model.clone();
@@ -871,7 +991,8 @@ async fn completions(
     }
 
     let generation = generate_whole(&inf, model, request).await?;
-    let g = generator(&inf, &model_id)?;
+    let g_model = generator(&inf, &model_id)?;
+    let g = g_model.get();
     Ok(Json(Completion {
         id,
         object: "text_completion".into(),
@@ -913,7 +1034,7 @@ async fn embeddings(
     State(inf): State<Arc<Inference>>,
     OpenAiJson(req): OpenAiJson<EmbeddingRequest>,
 ) -> Result<Json<EmbeddingResponse>, ApiError> {
-    let model = Arc::clone(inf.model(&req.model)?);
+    let model = inf.model(&req.model)?;
     let embedder = model
         .as_embedder()
         .ok_or_else(|| Inference::wrong_kind(&req.model, "an embedding model"))?;
@@ -987,7 +1108,7 @@ async fn classify(
     State(inf): State<Arc<Inference>>,
     OpenAiJson(req): OpenAiJson<ClassifyRequest>,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
-    let model = Arc::clone(inf.model(&req.model)?);
+    let model = inf.model(&req.model)?;
     if model.as_classifier().is_none() {
         return Err(Inference::wrong_kind(&req.model, "a classifier"));
     }
@@ -1037,7 +1158,7 @@ async fn anomaly(
     State(inf): State<Arc<Inference>>,
     OpenAiJson(req): OpenAiJson<AnomalyRequest>,
 ) -> Result<Json<AnomalyResponse>, ApiError> {
-    let model = Arc::clone(inf.model(&req.model)?);
+    let model = inf.model(&req.model)?;
     let scorer = model
         .as_anomaly_scorer()
         .ok_or_else(|| Inference::wrong_kind(&req.model, "an anomaly detector"))?;

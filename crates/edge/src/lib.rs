@@ -20,6 +20,7 @@ pub mod local_api;
 pub mod metrics;
 pub mod sse;
 pub mod state;
+pub mod updater;
 
 pub use config::{Config, RawConfig};
 pub use join::join;

@@ -71,6 +71,7 @@ pub struct Link {
     state: State,
     config: Config,
     local_api: Option<String>,
+    updater: Option<Arc<crate::updater::Updater>>,
 }
 
 impl Link {
@@ -91,7 +92,14 @@ impl Link {
             state,
             config,
             local_api,
+            updater: None,
         }
+    }
+
+    /// Hands `install` and `roll_back` messages to `updater`.
+    pub fn with_updater(mut self, updater: Arc<crate::updater::Updater>) -> Self {
+        self.updater = Some(updater);
+        self
     }
 
     /// Sends one heartbeat.
@@ -233,6 +241,20 @@ impl Link {
     }
 
     fn handle(&self, envelope: DeviceMessageEnvelope) -> Result<(), Error> {
+        // Updates are recorded durably (idempotently, per rollout) before
+        // the message is marked processed, so a crash in between repeats
+        // the recording rather than losing the update.
+        if let Some(updater) = &self.updater {
+            match &envelope.message {
+                DeviceMessage::Install {
+                    rollout_id,
+                    model,
+                    version,
+                } => updater.install(rollout_id, model, *version)?,
+                DeviceMessage::RollBack { rollout_id, .. } => updater.roll_back(rollout_id)?,
+                _ => {}
+            }
+        }
         // Record first: a message is acted on once even if the hub redelivers
         // it after a reconnect.
         if !self.state.record_message(&envelope)? {
@@ -247,6 +269,16 @@ impl Link {
                 tracing::error!("the hub revoked this device; stopping the hub link");
                 self.status.set_revoked();
             }
+            DeviceMessage::Install {
+                rollout_id,
+                model,
+                version,
+            } => {
+                if self.updater.is_none() {
+                    tracing::warn!(%rollout_id, %model, version, "an install message, but this agent runs no updater");
+                }
+            }
+            DeviceMessage::RollBack { .. } => {}
         }
         Ok(())
     }

@@ -178,6 +178,14 @@ pub struct Status {
     last_heartbeat_ms: AtomicI64,
     metrics: AgentMetrics,
     models: Vec<LocalModel>,
+    updates: std::sync::Mutex<Updates>,
+}
+
+/// What the updater shows in the status.
+#[derive(Debug, Default, Clone)]
+struct Updates {
+    installed: Vec<protocol::rollout::InstalledModel>,
+    current: Option<protocol::rollout::UpdateStatus>,
 }
 
 impl Status {
@@ -201,6 +209,28 @@ impl Status {
             last_heartbeat_ms: AtomicI64::new(0),
             metrics,
             models,
+            updates: std::sync::Mutex::default(),
+        }
+    }
+
+    fn updates(&self) -> std::sync::MutexGuard<'_, Updates> {
+        self.updates.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Shows the model versions installed from the registry.
+    pub fn set_installed(&self, installed: Vec<protocol::rollout::InstalledModel>) {
+        self.updates().installed = installed;
+    }
+
+    /// Shows the update in progress (or the last one).
+    pub fn set_update(&self, update: protocol::rollout::UpdateStatus) {
+        self.updates().current = Some(update);
+    }
+
+    /// Changes the update in progress in place, if there is one.
+    pub fn with_update(&self, f: impl FnOnce(&mut protocol::rollout::UpdateStatus)) {
+        if let Some(u) = self.updates().current.as_mut() {
+            f(u);
         }
     }
 
@@ -262,6 +292,7 @@ impl Status {
     /// A snapshot for the local API.
     pub fn snapshot(&self) -> AgentStatus {
         let last = self.last_heartbeat_ms.load(Ordering::SeqCst);
+        let updates = self.updates().clone();
         AgentStatus {
             device_id: self.enrolment.device_id.clone(),
             name: self.enrolment.name.clone(),
@@ -281,6 +312,8 @@ impl Status {
             uptime_secs: self.uptime_secs(),
             models: self.models.clone(),
             outbox: None,
+            installed: updates.installed,
+            update: updates.current,
         }
     }
 

@@ -10,12 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use protocol::rollout::{UpdatePhase, UpdateReport};
 use protocol::{DeviceId, DeviceMessageEnvelope, Labels};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::Error;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE enrolment (
         singleton   INTEGER PRIMARY KEY CHECK (singleton = 1),
         device_id   TEXT NOT NULL,
@@ -29,7 +31,27 @@ const MIGRATIONS: &[&str] = &[r#"
         body        TEXT NOT NULL,
         received_at INTEGER NOT NULL
     ) STRICT;
-"#];
+"#,
+    // 2: model updates asked for by rollouts, and the reports owed on them.
+    r#"
+    CREATE TABLE updates (
+        rollout_id         TEXT PRIMARY KEY,
+        model              TEXT NOT NULL,
+        version            INTEGER NOT NULL,
+        phase              TEXT NOT NULL,
+        detail             TEXT,
+        serving_version    INTEGER,
+        requests           INTEGER NOT NULL DEFAULT 0,
+        errors             INTEGER NOT NULL DEFAULT 0,
+        p95_ms             REAL,
+        rollback_requested INTEGER NOT NULL DEFAULT 0,
+        seq                INTEGER NOT NULL DEFAULT 0,
+        sent_seq           INTEGER NOT NULL DEFAULT 0,
+        created_at         INTEGER NOT NULL,
+        updated_at         INTEGER NOT NULL
+    ) STRICT;
+"#,
+];
 
 /// Paths in the agent's data directory.
 #[derive(Debug, Clone)]
@@ -197,6 +219,159 @@ impl State {
             .query_row("SELECT coalesce(max(seq), 0) FROM hub_messages", [], |r| {
                 r.get(0)
             })?)
+    }
+}
+
+/// A model update a rollout asked for, as the agent keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateJob {
+    /// The rollout.
+    pub rollout_id: String,
+    /// The model.
+    pub model: String,
+    /// The release to install.
+    pub version: u64,
+    /// Where it is.
+    pub phase: UpdatePhase,
+    /// The last error or health result.
+    pub detail: Option<String>,
+    /// True once the hub asked to roll it back.
+    pub rollback_requested: bool,
+}
+
+/// A change of an update's phase, with what goes in its report.
+#[derive(Debug, Clone, Default)]
+pub struct PhaseChange {
+    /// The version served after the change.
+    pub serving_version: Option<u64>,
+    /// An error or health result.
+    pub detail: Option<String>,
+    /// Requests served on the new version in its health window.
+    pub requests: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// Their p95 latency.
+    pub p95_ms: Option<f64>,
+}
+
+const JOB_SELECT: &str =
+    "SELECT rollout_id, model, version, phase, detail, rollback_requested FROM updates";
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UpdateJob> {
+    let phase: String = r.get(3)?;
+    Ok(UpdateJob {
+        rollout_id: r.get(0)?,
+        model: r.get(1)?,
+        version: r.get::<_, i64>(2)? as u64,
+        phase: UpdatePhase::parse(&phase).unwrap_or(UpdatePhase::Failed),
+        detail: r.get(4)?,
+        rollback_requested: r.get::<_, i64>(5)? != 0,
+    })
+}
+
+impl State {
+    /// Records an update a rollout asks for (once per rollout). Returns
+    /// false if it was already recorded.
+    pub fn add_update(&self, rollout_id: &str, model: &str, version: u64) -> Result<bool, Error> {
+        let now = now_ms();
+        let n = self.lock()?.execute(
+            "INSERT OR IGNORE INTO updates (rollout_id, model, version, phase, created_at, updated_at)
+             VALUES (?1, ?2, ?3, 'notified', ?4, ?4)",
+            params![rollout_id, model, version as i64, now],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Notes that the hub asked to roll an update back. Returns false if
+    /// the rollout is unknown here.
+    pub fn request_rollback(&self, rollout_id: &str) -> Result<bool, Error> {
+        let n = self.lock()?.execute(
+            "UPDATE updates SET rollback_requested = 1 WHERE rollout_id = ?1",
+            [rollout_id],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// One update.
+    pub fn update(&self, rollout_id: &str) -> Result<Option<UpdateJob>, Error> {
+        Ok(self
+            .lock()?
+            .query_row(
+                &format!("{JOB_SELECT} WHERE rollout_id = ?1"),
+                [rollout_id],
+                job_row,
+            )
+            .optional()?)
+    }
+
+    /// Updates to act on, oldest first: not finished, or asked to roll back.
+    pub fn pending_updates(&self) -> Result<Vec<UpdateJob>, Error> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(&format!(
+            "{JOB_SELECT} WHERE phase IN ('notified', 'downloading', 'installed')
+             OR (rollback_requested = 1 AND phase = 'committed') ORDER BY created_at, rollout_id"
+        ))?;
+        let rows = stmt.query_map([], job_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Moves an update to `phase` and queues a report of it.
+    pub fn set_update_phase(
+        &self,
+        rollout_id: &str,
+        phase: UpdatePhase,
+        change: PhaseChange,
+    ) -> Result<(), Error> {
+        self.lock()?.execute(
+            "UPDATE updates SET phase = ?2, detail = ?3, serving_version = ?4, requests = ?5,
+             errors = ?6, p95_ms = ?7, seq = seq + 1, updated_at = ?8 WHERE rollout_id = ?1",
+            params![
+                rollout_id,
+                phase.as_str(),
+                change.detail,
+                change.serving_version.map(|v| v as i64),
+                change.requests as i64,
+                change.errors as i64,
+                change.p95_ms,
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Reports not yet acknowledged by the hub: the latest state of each
+    /// update whose report changed since it was last sent.
+    pub fn unsent_reports(&self) -> Result<Vec<(String, UpdateReport)>, Error> {
+        let conn = self.lock()?;
+        let mut stmt = conn.prepare(
+            "SELECT rollout_id, seq, phase, serving_version, detail, requests, errors, p95_ms
+             FROM updates WHERE seq > sent_seq ORDER BY updated_at",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let phase: String = r.get(2)?;
+            Ok((
+                r.get::<_, String>(0)?,
+                UpdateReport {
+                    seq: r.get::<_, i64>(1)? as u64,
+                    phase: UpdatePhase::parse(&phase).unwrap_or(UpdatePhase::Failed),
+                    serving_version: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                    detail: r.get(4)?,
+                    requests: r.get::<_, i64>(5)? as u64,
+                    errors: r.get::<_, i64>(6)? as u64,
+                    p95_ms: r.get(7)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Notes that the hub has the report numbered `seq` of a rollout.
+    pub fn report_sent(&self, rollout_id: &str, seq: u64) -> Result<(), Error> {
+        self.lock()?.execute(
+            "UPDATE updates SET sent_seq = max(sent_seq, ?2) WHERE rollout_id = ?1",
+            params![rollout_id, seq as i64],
+        )?;
+        Ok(())
     }
 }
 

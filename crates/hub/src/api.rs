@@ -61,6 +61,7 @@ struct Shared {
     hub_url: String,
     metrics: HubMetrics,
     registry: Arc<Registry>,
+    rollout_wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -90,6 +91,7 @@ impl AppState {
                 hub_url,
                 metrics,
                 registry,
+                rollout_wake: Arc::default(),
             }),
         }
     }
@@ -112,6 +114,20 @@ impl AppState {
     /// The hub's data directory.
     pub fn data_dir(&self) -> &std::path::Path {
         &self.inner.config.data_dir
+    }
+
+    /// The hub's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Wakes the rollout controller (a report or an operator action).
+    pub fn rollout_wake(&self) -> &tokio::sync::Notify {
+        &self.inner.rollout_wake
+    }
+
+    pub(crate) fn rollout_wake_handle(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.inner.rollout_wake)
     }
 }
 
@@ -154,6 +170,16 @@ pub fn router(state: AppState) -> Router {
             get(crate::registry::get_manifest),
         )
         .route("/v1/registry/{kind}", get(crate::registry::get_doc))
+        .route(
+            "/v1/rollouts",
+            get(crate::rollouts::list).post(crate::rollouts::create),
+        )
+        .route("/v1/rollouts/{id}", get(crate::rollouts::show))
+        .route("/v1/rollouts/{id}/{action}", post(crate::rollouts::act))
+        .route(
+            "/v1/devices/{id}/rollouts/{rollout_id}",
+            post(crate::rollouts::report),
+        )
         .route("/v1/insights/aggregates", get(crate::insights::aggregates))
         .route("/v1/insights/trends", get(crate::insights::trends))
         .route("/v1/insights/forecast", get(crate::insights::forecast))
@@ -593,11 +619,20 @@ pub async fn send_message(
             format!("device {id} is revoked"),
         ));
     }
-    if matches!(req.message, DeviceMessage::Revoked) {
-        return Err(ApiError::bad_request(
-            "use-revoke",
-            "revoke a device with POST /v1/devices/{id}/revoke",
-        ));
+    match req.message {
+        DeviceMessage::Revoked => {
+            return Err(ApiError::bad_request(
+                "use-revoke",
+                "revoke a device with POST /v1/devices/{id}/revoke",
+            ));
+        }
+        DeviceMessage::Install { .. } | DeviceMessage::RollBack { .. } => {
+            return Err(ApiError::bad_request(
+                "use-rollouts",
+                "install and roll back models with POST /v1/rollouts",
+            ));
+        }
+        DeviceMessage::Ping { .. } => {}
     }
     let envelope = state
         .inner

@@ -33,6 +33,10 @@ pub struct RawConfig {
     pub device_cert_validity_days: Option<u32>,
     /// Default lifetime of a join token in seconds. Default: 3600.
     pub default_token_ttl_secs: Option<u64>,
+    /// Longest time in milliseconds between two checks of every live
+    /// rollout (device reports and operator actions trigger one at once).
+    /// Default: 1000.
+    pub rollout_interval_ms: Option<u64>,
 }
 
 /// Validated hub configuration.
@@ -52,6 +56,8 @@ pub struct Config {
     pub device_cert_validity: time::Duration,
     /// See [`RawConfig::default_token_ttl_secs`].
     pub default_token_ttl: Duration,
+    /// See [`RawConfig::rollout_interval_ms`].
+    pub rollout_interval: Duration,
 }
 
 /// Longest join-token lifetime the hub accepts.
@@ -85,6 +91,12 @@ impl RawConfig {
                 ttl.as_secs()
             )));
         }
+        let rollout_interval = self.rollout_interval_ms.unwrap_or(1000);
+        if !(10..=600_000).contains(&rollout_interval) {
+            return Err(Error::Config(format!(
+                "rollout_interval_ms must be between 10 and 600000, got {rollout_interval}"
+            )));
+        }
         if let Some(url) = &self.advertise_url
             && !url.starts_with("https://")
         {
@@ -104,6 +116,7 @@ impl RawConfig {
             heartbeat_interval: Duration::from_secs(heartbeat),
             device_cert_validity: time::Duration::days(i64::from(validity)),
             default_token_ttl: ttl,
+            rollout_interval: Duration::from_millis(rollout_interval),
         })
     }
 }
@@ -130,6 +143,7 @@ mod tests {
                 "default_token_ttl_secs",
             ),
             ("listen = \"nowhere\"", "listen"),
+            ("rollout_interval_ms = 1", "rollout_interval_ms"),
         ];
         for (text, needle) in cases {
             let err = RawConfig::from_toml(text)

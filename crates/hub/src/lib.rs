@@ -15,6 +15,7 @@ pub mod insights;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
+pub mod rollouts;
 pub mod server;
 pub mod store;
 pub mod tokens;

@@ -15,6 +15,13 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// A device update report's phase (a bounded set, used as a label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// `downloading`, `installed`, `committed`, `failed`, `rolled_back`.
+    pub phase: &'static str,
+}
+
 /// Counters and gauges the hub exports on `/metrics`.
 #[derive(Clone, Debug)]
 pub struct HubMetrics {
@@ -44,6 +51,14 @@ pub struct HubMetrics {
     pub insight_batches: Counter,
     /// Insight batches refused for a malformed record.
     pub insights_refused: Counter,
+    /// Device update reports stored, by phase.
+    pub update_reports: Family<PhaseLabels, Counter>,
+    /// Rollout stages promoted.
+    pub rollout_stages_promoted: Counter,
+    /// Rollouts completed.
+    pub rollouts_completed: Counter,
+    /// Rollouts aborted (by an operator or a failed stage).
+    pub rollouts_aborted: Counter,
 }
 
 impl HubMetrics {
@@ -64,6 +79,10 @@ impl HubMetrics {
             insights_duplicate: Counter::default(),
             insight_batches: Counter::default(),
             insights_refused: Counter::default(),
+            update_reports: Family::default(),
+            rollout_stages_promoted: Counter::default(),
+            rollouts_completed: Counter::default(),
+            rollouts_aborted: Counter::default(),
         };
         registry.register("enrolments", "Devices enrolled", metrics.enrolments.clone());
         registry.register(
@@ -121,6 +140,33 @@ impl HubMetrics {
             "Insight batches refused for a malformed record",
             metrics.insights_refused.clone(),
         );
+        registry.register(
+            "update_reports",
+            "Device update reports stored, by phase",
+            metrics.update_reports.clone(),
+        );
+        registry.register(
+            "rollout_stages_promoted",
+            "Rollout stages promoted",
+            metrics.rollout_stages_promoted.clone(),
+        );
+        registry.register(
+            "rollouts_completed",
+            "Rollouts completed",
+            metrics.rollouts_completed.clone(),
+        );
+        registry.register(
+            "rollouts_aborted",
+            "Rollouts aborted by an operator or a failed stage",
+            metrics.rollouts_aborted.clone(),
+        );
         (metrics, Arc::new(registry))
+    }
+
+    /// Counts a stored device update report.
+    pub fn update_report(&self, phase: &'static str) {
+        self.update_reports
+            .get_or_create(&PhaseLabels { phase })
+            .inc();
     }
 }

@@ -377,6 +377,9 @@ pub async fn get_doc(
             ));
         }
     };
+    if kind == "timestamp" && q.version.is_none() {
+        refresh_timestamp(&state).await?;
+    }
     let doc = state
         .store()
         .registry_doc(kind, q.version)
@@ -386,6 +389,41 @@ pub async fn get_doc(
             ApiError::not_found("no-such-document", format!("no {kind} metadata yet"))
         })?;
     Ok(json_bytes(doc.1))
+}
+
+/// Signs a new timestamp when the current one is past half its lifetime:
+/// the timestamp is short-lived so that a device notices a frozen hub, so
+/// the hub, which holds the timestamp key online, keeps it fresh.
+async fn refresh_timestamp(state: &AppState) -> Result<(), ApiError> {
+    let store = state.store();
+    let (Some((version, current)), Some((_, snapshot))) = (
+        store
+            .registry_doc("timestamp", None)
+            .await
+            .map_err(ApiError::internal)?,
+        store
+            .registry_doc("snapshot", None)
+            .await
+            .map_err(ApiError::internal)?,
+    ) else {
+        return Ok(());
+    };
+    let now = OffsetDateTime::now_utc();
+    let body = registry::read_unverified::<Timestamp>(&current).map_err(ApiError::internal)?;
+    if body.expires - now > TIMESTAMP_LIFETIME / 2 {
+        return Ok(());
+    }
+    let keys = load_keys(&registry_dir(state))?;
+    let fresh = Timestamp::new(version + 1, now + TIMESTAMP_LIFETIME, &snapshot)
+        .and_then(|t| registry::sign(&t, &[&keys.timestamp]))
+        .map_err(ApiError::internal)?;
+    // Two requests may race here; the first stored version wins.
+    store
+        .put_registry_doc("timestamp", version + 1, fresh)
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(version = version + 1, "timestamp re-signed");
+    Ok(())
 }
 
 /// The signed manifest of a release.
@@ -467,28 +505,61 @@ pub async fn get_artifact(
 ) -> Result<Response, ApiError> {
     hex_sha(&sha256)?;
     let path = artifact_path(&state, &sha256);
-    let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|_| ApiError::not_found("no-such-artifact", format!("no artifact {sha256}")))?;
-    let len = bytes.len() as u64;
+    let missing = || ApiError::not_found("no-such-artifact", format!("no artifact {sha256}"));
+    let mut file = tokio::fs::File::open(&path).await.map_err(|_| missing())?;
+    let len = file.metadata().await.map_err(|_| missing())?.len();
     let octets = (header::CONTENT_TYPE, "application/octet-stream");
     let ranges = (header::ACCEPT_RANGES, "bytes");
+    let length = |n: u64| (header::CONTENT_LENGTH, n.to_string());
     match parse_range(&headers, len)? {
-        None => Ok(([octets, ranges], bytes).into_response()),
+        None => Ok((
+            [
+                (octets.0, octets.1.to_owned()),
+                (ranges.0, ranges.1.to_owned()),
+                length(len),
+            ],
+            stream_file(file, len),
+        )
+            .into_response()),
         Some((start, end)) => {
-            let part = bytes[start as usize..=end as usize].to_vec();
+            use tokio::io::AsyncSeekExt;
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(ApiError::internal)?;
+            let n = end - start + 1;
             let content_range = format!("bytes {start}-{end}/{len}");
             Ok((
                 StatusCode::PARTIAL_CONTENT,
                 [
-                    octets,
-                    ranges,
-                    (header::CONTENT_RANGE, content_range.as_str()),
+                    (octets.0, octets.1.to_owned()),
+                    (ranges.0, ranges.1.to_owned()),
+                    (header::CONTENT_RANGE, content_range),
+                    length(n),
                 ],
-                part,
+                stream_file(file, n),
             )
                 .into_response())
         }
     }
+}
+
+/// Streams `n` bytes of `file` from its current position in 64 KiB chunks,
+/// so that a thousand devices downloading at once do not each hold a copy.
+fn stream_file(file: tokio::fs::File, n: u64) -> axum::body::Body {
+    use tokio::io::AsyncReadExt;
+    const CHUNK: usize = 64 << 10;
+    let reader = file.take(n);
+    let chunks = futures_util::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        let mut buf = vec![0u8; CHUNK];
+        match reader.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(read) => {
+                buf.truncate(read);
+                Some((Ok(Bytes::from(buf)), Some(reader)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    axum::body::Body::from_stream(chunks)
 }

@@ -23,9 +23,11 @@ use crate::Error;
 
 mod insights;
 mod registry;
+mod rollouts;
 
 pub use insights::{Ingested, InsightFilter, NewInsight, SeriesPoint};
 pub use registry::{Publication, PublishedModel};
+pub use rollouts::{CreateRollout, ReportOutcome, RolloutRecord};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` holds how many
 /// have run. Never edit a released migration: append a new one.
@@ -117,6 +119,40 @@ const MIGRATIONS: &[&str] = &[
         format       TEXT NOT NULL,
         published_at INTEGER NOT NULL,
         PRIMARY KEY (name, version)
+    ) STRICT;
+    "#,
+    // 4: staged rollouts and what their devices reported.
+    r#"
+    CREATE TABLE rollouts (
+        id          TEXT PRIMARY KEY,
+        model       TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        plan        TEXT NOT NULL,
+        gates       TEXT NOT NULL,
+        state       TEXT NOT NULL CHECK (state IN ('active', 'paused', 'completed', 'aborted')),
+        stage       INTEGER NOT NULL,
+        decision    TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        finished_at INTEGER,
+        FOREIGN KEY (model, version) REFERENCES models (name, version)
+    ) STRICT;
+    CREATE UNIQUE INDEX one_live_rollout_per_model ON rollouts (model)
+        WHERE state IN ('active', 'paused');
+    CREATE TABLE rollout_devices (
+        rollout_id      TEXT NOT NULL REFERENCES rollouts(id),
+        device_id       TEXT NOT NULL REFERENCES devices(id),
+        stage           INTEGER NOT NULL,
+        phase           TEXT NOT NULL CHECK (phase IN ('notified', 'downloading', 'installed',
+                            'committed', 'failed', 'rolled_back')),
+        report_seq      INTEGER NOT NULL DEFAULT 0,
+        serving_version INTEGER,
+        detail          TEXT,
+        requests        INTEGER NOT NULL DEFAULT 0,
+        errors          INTEGER NOT NULL DEFAULT 0,
+        p95_ms          REAL,
+        updated_at      INTEGER NOT NULL,
+        PRIMARY KEY (rollout_id, device_id)
     ) STRICT;
     "#,
 ];

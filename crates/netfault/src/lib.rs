@@ -5,8 +5,9 @@
 //!
 //! It is how the demo takes a site offline and how the chaos tests cut the
 //! network between agents and the hub. It works at the TCP level, so TLS
-//! passes through it untouched. It is not a general proxy: no latency or
-//! bandwidth shaping, loopback only.
+//! passes through it untouched. It can also [`FaultProxy::throttle`] the
+//! link to a slow one, so that a transfer is still in flight when the cut
+//! comes. It is not a general proxy: no latency shaping, loopback only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ struct Shared {
     epoch: watch::Sender<u64>,
     accepted: AtomicU64,
     refused: AtomicU64,
+    /// Bytes per second each direction of each connection may carry (0: no limit).
+    rate: AtomicU64,
 }
 
 impl FaultProxy {
@@ -46,6 +49,7 @@ impl FaultProxy {
             epoch: watch::channel(0).0,
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            rate: AtomicU64::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         Ok(FaultProxy {
@@ -72,6 +76,14 @@ impl FaultProxy {
     pub fn restore(&self) {
         self.shared.cut.store(false, Ordering::SeqCst);
         tracing::debug!(proxy = %self.addr, upstream = %self.shared.upstream, "link restored");
+    }
+
+    /// Limits each direction of each connection to `bytes_per_sec`
+    /// (`None`: no limit), as a slow uplink does; applies at once.
+    pub fn throttle(&self, bytes_per_sec: Option<u64>) {
+        self.shared
+            .rate
+            .store(bytes_per_sec.unwrap_or(0), Ordering::SeqCst);
     }
 
     /// True while the link is cut.
@@ -114,7 +126,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         shared.accepted.fetch_add(1, Ordering::SeqCst);
         let epoch = shared.epoch.subscribe();
-        tokio::spawn(forward(client, shared.upstream, epoch));
+        tokio::spawn(forward(client, Arc::clone(&shared), epoch));
     }
 }
 
@@ -125,8 +137,35 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-async fn forward(mut client: TcpStream, upstream: SocketAddr, mut epoch: watch::Receiver<u64>) {
-    let mut server = match TcpStream::connect(upstream).await {
+/// Copies one direction, at most `shared.rate` bytes per second.
+async fn pump<R, W>(mut from: R, mut to: W, shared: &Shared) -> std::io::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let rate = shared.rate.load(Ordering::SeqCst);
+        // A slow link moves small pieces, about ten a second.
+        let want = if rate == 0 {
+            buf.len()
+        } else {
+            (rate / 10).clamp(1, buf.len() as u64) as usize
+        };
+        let n = from.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        if rate > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / rate as f64)).await;
+        }
+    }
+}
+
+async fn forward(mut client: TcpStream, shared: Arc<Shared>, mut epoch: watch::Receiver<u64>) {
+    let mut server = match TcpStream::connect(shared.upstream).await {
         Ok(s) => s,
         Err(_) => {
             reset(client);
@@ -135,15 +174,22 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, mut epoch: watch::
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {
-            let _ = client.shutdown().await;
-            let _ = server.shutdown().await;
+    let cut = {
+        let (client_read, client_write) = client.split();
+        let (server_read, server_write) = server.split();
+        tokio::select! {
+            _ = async {
+                tokio::join!(
+                    pump(client_read, server_write, &shared),
+                    pump(server_read, client_write, &shared),
+                )
+            } => false,
+            _ = epoch.changed() => true,
         }
-        _ = epoch.changed() => {
-            reset(client);
-            reset(server);
-        }
+    };
+    if cut {
+        reset(client);
+        reset(server);
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod insight;
 pub mod openai;
+pub mod rollout;
 mod token;
 
 use std::collections::BTreeMap;
@@ -243,6 +244,26 @@ pub enum DeviceMessage {
     },
     /// The device has been revoked; the agent stops calling the hub.
     Revoked,
+    /// A rollout includes this device: verify and install `model` at
+    /// `version` from the registry, then report on it.
+    Install {
+        /// The rollout.
+        rollout_id: String,
+        /// The model's name.
+        model: String,
+        /// The release to install.
+        version: u64,
+    },
+    /// The rollout was aborted: if the device runs `version` of `model`
+    /// because of it, go back to the version it had before.
+    RollBack {
+        /// The rollout.
+        rollout_id: String,
+        /// The model's name.
+        model: String,
+        /// The release to leave.
+        version: u64,
+    },
 }
 
 /// A stored hub-to-device message with its sequence number.
@@ -334,6 +355,12 @@ pub struct AgentStatus {
     pub models: Vec<LocalModel>,
     /// The insight outbox and its delivery.
     pub outbox: Option<insight::OutboxStatus>,
+    /// Model versions installed from the registry.
+    #[serde(default)]
+    pub installed: Vec<rollout::InstalledModel>,
+    /// The model update in progress or last finished, if any.
+    #[serde(default)]
+    pub update: Option<rollout::UpdateStatus>,
 }
 
 /// A model in an agent's catalogue.

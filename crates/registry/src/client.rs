@@ -462,6 +462,30 @@ impl TrustedState {
         })
     }
 
+    /// Re-verifies a manifest the device installed earlier, to load it again
+    /// (after a restart, or to roll back to the previous version).
+    ///
+    /// The manifest must be signed by the trusted root's targets role and be
+    /// a version this state recorded as installed or older (it was verified
+    /// in full when it was installed). Neither expiry nor the current
+    /// targets listing is checked: a device with no network, or whose
+    /// publisher has moved on to a newer release, keeps serving what it has.
+    pub fn verify_installed(&self, signed_manifest: &[u8]) -> Result<Verified<Manifest>, Error> {
+        let manifest = signed::parse::<Manifest>(signed_manifest)?;
+        manifest.check_signed_by(&self.root.body)?;
+        let body = &manifest.body;
+        match self.installed.get(&body.name) {
+            Some(&installed) if body.version <= installed => Ok(Verified {
+                value: manifest.body,
+                sha256: manifest.digest,
+            }),
+            _ => Err(Error::NotInstalled {
+                name: body.name.clone(),
+                version: body.version,
+            }),
+        }
+    }
+
     /// Records that `artifact` is installed, so older or equal versions of its
     /// model are refused from now on.
     pub fn record_installed(&mut self, artifact: &VerifiedArtifact) {

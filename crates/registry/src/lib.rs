@@ -80,11 +80,11 @@ mod signed;
 pub use client::{ArtifactChecker, TrustedState, Verified, VerifiedArtifact};
 pub use keys::{Algorithm, KeyFile, KeyId, PublicKey, Sha256Digest, SignatureBytes, SigningKey};
 pub use metadata::{
-    AgentVersion, Artifact, ArtifactFormat, CpuArch, DType, Field, IoSchema, Kind, Manifest,
-    ManifestRef, MetaRef, Metadata, Provenance, Role, RoleKeys, RoleSpec, Roles, Root,
-    RuntimeRequirements, Schema, SchemaKind, Snapshot, Targets, Timestamp,
+    AgentVersion, Artifact, ArtifactFormat, CpuArch, DType, Field, HealthCheck, IoSchema, Kind,
+    MAX_PROBES, Manifest, ManifestRef, MetaRef, Metadata, Probe, Provenance, Role, RoleKeys,
+    RoleSpec, Roles, Root, RuntimeRequirements, Schema, SchemaKind, Snapshot, Targets, Timestamp,
 };
-pub use signed::{cosign, digest, sign};
+pub use signed::{cosign, digest, read_unverified, sign};
 
 use time::OffsetDateTime;
 
@@ -156,6 +156,14 @@ pub enum Error {
         valid: usize,
         /// How many are needed.
         threshold: usize,
+    },
+    /// A manifest to load again was never installed on this device.
+    #[error("{name} version {version} was never installed here")]
+    NotInstalled {
+        /// The model.
+        name: String,
+        /// The version offered.
+        version: u64,
     },
     /// The document expired at or before `now`.
     #[error("{kind} v{version} expired at {}", rfc3339(*expires))]

@@ -129,6 +129,10 @@ pub struct Manifest {
     pub metrics: BTreeMap<String, f64>,
     /// Where the weights came from.
     pub provenance: Provenance,
+    /// What the device checks before it serves the new version (absent:
+    /// the model must load and answer one smoke request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
     /// When this manifest stops being installable (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
     pub expires: OffsetDateTime,
@@ -333,6 +337,58 @@ pub enum Provenance {
     },
 }
 
+/// The publisher's definition of a healthy install: probe inputs with the
+/// answers a working model gives, checked on the device after the new
+/// version loads and before it is served. Signed with the manifest, so a
+/// device never takes the hub's word for what healthy means.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// The probes (at most 256).
+    pub probes: Vec<Probe>,
+    /// Fraction of the probes that must pass, in `(0, 1]`.
+    pub min_pass: f64,
+    /// Largest acceptable latency of one probe, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_ms: Option<u64>,
+}
+
+/// One health probe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    /// The input text.
+    pub input: String,
+    /// What a working model answers: the label (classifiers) or a substring
+    /// of the greedy completion (language models); empty for models whose
+    /// output is only checked to be well-formed (embeddings).
+    pub expect: String,
+}
+
+/// Most probes a health check may list.
+pub const MAX_PROBES: usize = 256;
+
+impl HealthCheck {
+    fn validate(&self) -> Result<(), Error> {
+        if self.probes.is_empty() || self.probes.len() > MAX_PROBES {
+            return Err(invalid(
+                "manifest",
+                format!(
+                    "a health check needs 1 to {MAX_PROBES} probes, has {}",
+                    self.probes.len()
+                ),
+            ));
+        }
+        if !(self.min_pass > 0.0 && self.min_pass <= 1.0) {
+            return Err(invalid(
+                "manifest",
+                format!("health min_pass {} must be in (0, 1]", self.min_pass),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn invalid(what: &'static str, reason: impl Into<String>) -> Error {
     Error::Invalid {
         what,
@@ -386,6 +442,9 @@ impl Metadata for Manifest {
             .chain(&self.schema.output.fields);
         if fields.into_iter().any(|f| f.name.is_empty()) {
             return Err(invalid("manifest", "a schema field has an empty name"));
+        }
+        if let Some(health) = &self.health {
+            health.validate()?;
         }
         Ok(())
     }

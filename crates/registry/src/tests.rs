@@ -66,6 +66,7 @@ fn manifest(name: &str, version: u64, artifact: &[u8]) -> Manifest {
         provenance: Provenance::TrainingRun {
             run_id: "run-2026-11-20-a".into(),
         },
+        health: None,
         expires: FAR,
     }
 }
@@ -223,6 +224,77 @@ fn happy_path_installs_a_model() {
     );
     apply(&mut state, &r2, NOW).unwrap();
     state.verify_manifest(&r2.manifests[0], NOW).unwrap();
+}
+
+#[test]
+fn installed_manifests_load_again_without_network_or_listing() {
+    let keys = Keys::new();
+    let v7 = manifest("intent-classifier", 7, WEIGHTS);
+    let r1 = release(&keys, 1, std::slice::from_ref(&v7), NEVER);
+    let mut state = device(&keys, &r1);
+    // Not installed yet: refused.
+    let err = state.verify_installed(&r1.manifests[0]).unwrap_err();
+    assert!(
+        matches!(err, Error::NotInstalled { version: 7, .. }),
+        "{err}"
+    );
+    let artifact = state
+        .verify_manifest(&r1.manifests[0], NOW)
+        .unwrap()
+        .check_artifact(WEIGHTS)
+        .unwrap();
+    state.record_installed(&artifact);
+    // v8 is installed over it; v7 stays loadable (the rollback target),
+    // even once every document has expired and targets lists only v8.
+    let r2 = release(
+        &keys,
+        2,
+        &[manifest("intent-classifier", 8, WEIGHTS)],
+        NEVER,
+    );
+    apply(&mut state, &r2, NOW).unwrap();
+    let v8 = state
+        .verify_manifest(&r2.manifests[0], NOW)
+        .unwrap()
+        .check_artifact(WEIGHTS)
+        .unwrap();
+    state.record_installed(&v8);
+    let again = state.verify_installed(&r1.manifests[0]).unwrap();
+    assert_eq!(again.version, 7);
+    again.check_artifact(WEIGHTS).unwrap();
+    // A manifest signed by a stranger is not loaded, whatever its version.
+    let forged = sign(&v7, &[&keys.stranger]).unwrap();
+    assert!(matches!(
+        state.verify_installed(&forged).unwrap_err(),
+        Error::UnknownKey { .. }
+    ));
+}
+
+#[test]
+fn health_checks_are_validated() {
+    let mut m = manifest("intent-classifier", 7, WEIGHTS);
+    let probe = Probe {
+        input: "turn on the lights".into(),
+        expect: "HassTurnOn".into(),
+    };
+    m.health = Some(HealthCheck {
+        probes: vec![probe.clone()],
+        min_pass: 0.9,
+        max_latency_ms: Some(200),
+    });
+    m.validate().unwrap();
+    for (probes, min_pass) in [
+        (vec![], 0.9),
+        (vec![probe.clone()], 0.0),
+        (vec![probe], 1.5),
+    ] {
+        m.health = Some(HealthCheck {
+            probes,
+            min_pass,
+            max_latency_ms: None,
+        });
+        assert!(matches!(m.validate(), Err(Error::Invalid { .. })));
+    }
 }
 
 #[test]
@@ -1281,6 +1353,14 @@ fn arb_manifest() -> impl Strategy<Value = Manifest> {
                     schema: IoSchema { input, output },
                     metrics,
                     provenance,
+                    health: (version % 2 == 0).then(|| HealthCheck {
+                        probes: vec![Probe {
+                            input: format!("probe {version}"),
+                            expect: "label".into(),
+                        }],
+                        min_pass: 0.5,
+                        max_latency_ms: Some(version % 1000),
+                    }),
                     expires,
                 }
             },

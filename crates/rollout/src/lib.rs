@@ -12,11 +12,13 @@
 //!
 //! A plan has increasing stage percentages (for example 5 %, 25 %, 100 %)
 //! over a cohort (the devices whose labels match). Each device has a fixed
-//! position in `[0, 10000)` from the SHA-256 of its id and the rollout id
-//! ([`position`]); stage `k` includes the devices whose position is below
-//! its percentage. Stages are therefore nested (a device in stage 1 stays in
-//! every later stage), stable across restarts and hub replicas, and
-//! independent between rollouts.
+//! position from the SHA-256 of its id and the rollout id ([`position`]);
+//! the cohort sorted by position is the rollout order, and stage `k`
+//! includes the first `ceil(p_k · n)` devices of it, at least one
+//! ([`Plan::stage_members`]). Stages are therefore nested (a device in
+//! stage 1 stays in every later stage), stable across restarts and hub
+//! replicas, independent between rollouts, and a fleet of eight still gets
+//! a one-device canary.
 //!
 //! # Decisions
 //!
@@ -34,8 +36,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Positions are in `[0, POSITIONS)`; a percentage `p` admits positions
-/// below `p * 100`.
+/// Positions are in `[0, POSITIONS)`; ties are broken by device id.
 pub const POSITIONS: u32 = 10_000;
 
 /// Errors of plan construction and gate parsing.
@@ -251,13 +252,43 @@ impl Plan {
         self.cohort.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 
-    /// True if the device belongs to stage `stage` (0-based) or an earlier one.
-    pub fn in_stage(&self, stage: usize, device_id: &str) -> bool {
+    /// How many devices of a cohort of `cohort` stages `0..=stage` include:
+    /// the stage's share rounded up, and at least one device (the canary)
+    /// when the cohort is not empty, so that a small fleet still gets a
+    /// first stage smaller than the whole. 0 past the last stage.
+    pub fn stage_size(&self, stage: usize, cohort: usize) -> usize {
         let Some(&percent) = self.stages.get(stage) else {
-            return false;
+            return 0;
         };
-        let limit = (percent * f64::from(POSITIONS) / 100.0).round() as u32;
-        position(&self.id, device_id) < limit
+        if cohort == 0 {
+            return 0;
+        }
+        let share = (percent * cohort as f64 / 100.0 - 1e-9).ceil() as usize;
+        share.clamp(1, cohort)
+    }
+
+    /// The cohort in rollout order: by [`position`], then id. Stage `k`
+    /// includes the first [`stage_size`](Self::stage_size)`(k, n)` devices,
+    /// so stages are nested, and the order does not depend on the order the
+    /// ids are given in.
+    pub fn order<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+        let mut ranked: Vec<(u32, &str)> = ids
+            .into_iter()
+            .map(|id| (position(&self.id, id), id))
+            .collect();
+        ranked.sort_unstable();
+        ranked.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// The devices of `cohort` in stages `0..=stage`.
+    pub fn stage_members<'a>(
+        &self,
+        stage: usize,
+        cohort: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<&'a str> {
+        let mut ordered = self.order(cohort);
+        ordered.truncate(self.stage_size(stage, ordered.len()));
+        ordered
     }
 
     /// What the controller should do about stage `stage`, given the
@@ -463,21 +494,38 @@ mod tests {
     fn stages_are_nested_stable_and_near_their_share() {
         let plan = Plan::new("r1", vec![5.0, 25.0, 100.0], BTreeMap::new(), vec![]).unwrap();
         let devices: Vec<String> = (0..4000).map(|i| format!("dev-{i:016x}")).collect();
-        let mut previous = 0;
-        for (stage, share) in [(0, 0.05), (1, 0.25), (2, 1.0)] {
-            let inside: Vec<&String> = devices.iter().filter(|d| plan.in_stage(stage, d)).collect();
-            let got = inside.len() as f64 / devices.len() as f64;
-            assert!((got - share).abs() < 0.02, "stage {stage}: {got}");
-            assert!(inside.len() >= previous);
-            for d in &devices {
-                if stage > 0 && plan.in_stage(stage - 1, d) {
-                    assert!(plan.in_stage(stage, d), "stages are nested");
-                }
-            }
-            previous = inside.len();
+        let ids = || devices.iter().map(String::as_str);
+        let mut previous: Vec<&str> = Vec::new();
+        for (stage, want) in [(0, 200), (1, 1000), (2, 4000)] {
+            let inside = plan.stage_members(stage, ids());
+            assert_eq!(inside.len(), want, "stage {stage}");
+            assert_eq!(
+                &inside[..previous.len()],
+                &previous[..],
+                "stages are nested"
+            );
+            previous = inside;
         }
+        // The order does not depend on how the cohort is listed.
+        let reversed = plan.stage_members(1, ids().rev());
+        assert_eq!(reversed, plan.stage_members(1, ids()));
+        // Another rollout orders the fleet differently.
+        let other = Plan::new("r2", vec![5.0, 100.0], BTreeMap::new(), vec![]).unwrap();
+        assert_ne!(other.stage_members(0, ids()), plan.stage_members(0, ids()));
+        assert!(plan.stage_members(3, ids()).is_empty());
         assert_eq!(position("r1", "dev-1"), position("r1", "dev-1"));
-        assert!(!plan.in_stage(3, "dev-1"));
+    }
+
+    #[test]
+    fn small_cohorts_still_get_a_canary_stage() {
+        let plan = Plan::new("r", vec![5.0, 25.0, 100.0], BTreeMap::new(), vec![]).unwrap();
+        assert_eq!(
+            (0..3).map(|s| plan.stage_size(s, 8)).collect::<Vec<_>>(),
+            vec![1, 2, 8]
+        );
+        assert_eq!(plan.stage_size(0, 0), 0);
+        assert_eq!(plan.stage_size(2, 1), 1);
+        assert_eq!(plan.stage_size(1, 100), 25);
     }
 
     #[test]

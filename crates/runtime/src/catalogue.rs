@@ -363,6 +363,8 @@ pub struct LoadedModels {
     pub models: BTreeMap<String, Arc<dyn ModelBackend>>,
     /// The models that did not, with why.
     pub failures: Vec<(String, Error)>,
+    /// The embedding models that loaded, by id (classifiers read them).
+    pub embedders: BTreeMap<String, Arc<Embedder>>,
 }
 
 impl std::fmt::Debug for LoadedModels {
@@ -374,38 +376,62 @@ impl std::fmt::Debug for LoadedModels {
     }
 }
 
-/// Loads every model in the catalogue, carrying on past failures.
-pub fn load(catalogue: &Catalogue) -> LoadedModels {
-    let mut out = LoadedModels::default();
-    let mut embedders: BTreeMap<String, Arc<Embedder>> = BTreeMap::new();
-    for entry in &catalogue.entries {
-        let id = entry.id.as_str();
-        let loaded: Result<Arc<dyn ModelBackend>> = match &entry.spec {
-            ModelSpec::Llm { path, config } => {
-                LlmModel::load(id, path, config).map(|m| Arc::new(m) as _)
-            }
-            ModelSpec::Embedding { files, config } => Embedder::load(id, files, config).map(|m| {
+/// Loads one catalogue entry, from `path` instead of the entry's own file
+/// when given (an installed release of the model). A classifier finds its
+/// embedding model in `embedders`; an embedding model that loads is added
+/// there.
+pub fn load_entry(
+    entry: &ModelEntry,
+    path: Option<&Path>,
+    embedders: &mut BTreeMap<String, Arc<Embedder>>,
+) -> Result<Arc<dyn ModelBackend>> {
+    let id = entry.id.as_str();
+    match &entry.spec {
+        ModelSpec::Llm { path: own, config } => {
+            LlmModel::load(id, path.unwrap_or(own), config).map(|m| Arc::new(m) as _)
+        }
+        ModelSpec::Embedding { files, config } => {
+            let files = match path {
+                Some(p) => EmbeddingFiles {
+                    weights: p.to_owned(),
+                    ..files.clone()
+                },
+                None => files.clone(),
+            };
+            Embedder::load(id, &files, config).map(|m| {
                 let m = Arc::new(m);
                 embedders.insert(id.to_owned(), Arc::clone(&m));
                 m as _
+            })
+        }
+        ModelSpec::Classifier {
+            path: own,
+            embedding_model,
+        } => match embedders.get(embedding_model) {
+            Some(e) => EmbeddingClassifier::load(id, path.unwrap_or(own), Arc::clone(e))
+                .map(|m| Arc::new(m) as _),
+            None => Err(Error::Catalogue {
+                id: id.to_owned(),
+                reason: format!("its embedding model {embedding_model:?} did not load"),
             }),
-            ModelSpec::Classifier {
-                path,
-                embedding_model,
-            } => match embedders.get(embedding_model) {
-                Some(e) => {
-                    EmbeddingClassifier::load(id, path, Arc::clone(e)).map(|m| Arc::new(m) as _)
-                }
-                None => Err(Error::Catalogue {
-                    id: id.to_owned(),
-                    reason: format!("its embedding model {embedding_model:?} did not load"),
-                }),
-            },
-            ModelSpec::Anomaly { n_features, config } => {
-                AnomalyModel::new(id, *n_features, config.clone()).map(|m| Arc::new(m) as _)
-            }
-        };
-        match loaded {
+        },
+        ModelSpec::Anomaly { n_features, config } => {
+            AnomalyModel::new(id, *n_features, config.clone()).map(|m| Arc::new(m) as _)
+        }
+    }
+}
+
+/// Loads every model in the catalogue, carrying on past failures; `paths`
+/// overrides an entry's file by id (installed releases).
+pub fn load(catalogue: &Catalogue, paths: &BTreeMap<String, std::path::PathBuf>) -> LoadedModels {
+    let mut out = LoadedModels::default();
+    for entry in &catalogue.entries {
+        let id = entry.id.as_str();
+        match load_entry(
+            entry,
+            paths.get(id).map(|p| p.as_path()),
+            &mut out.embedders,
+        ) {
             Ok(model) => {
                 out.models.insert(id.to_owned(), model);
             }
@@ -522,7 +548,7 @@ mod tests {
         )
         .validate(Path::new("."))
         .expect("valid");
-        let loaded = load(&cat);
+        let loaded = load(&cat, &BTreeMap::new());
         assert_eq!(loaded.models.keys().collect::<Vec<_>>(), vec!["d"]);
         let failed: Vec<&str> = loaded.failures.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(failed, vec!["e", "broken", "c"]);

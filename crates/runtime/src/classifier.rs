@@ -204,6 +204,21 @@ impl ClassifierHead {
         &self.labels
     }
 
+    /// The same weights under other label names (one per output, in order):
+    /// to rename classes, or to build a release whose labels are wrong on
+    /// purpose, as rollout drills do.
+    pub fn relabel(mut self, labels: Vec<String>) -> Result<ClassifierHead> {
+        if labels.len() != self.labels.len() {
+            return Err(training_err(format!(
+                "{} labels given for a head with {} outputs",
+                labels.len(),
+                self.labels.len()
+            )));
+        }
+        self.labels = labels;
+        Ok(self)
+    }
+
     /// Length of the embeddings the head takes.
     pub fn input_dim(&self) -> usize {
         self.input_dim

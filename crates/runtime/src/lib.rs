@@ -28,7 +28,7 @@ pub use backend::{
     AnomalyScorer, ModelBackend, ModelInfo, ModelKind, Prediction, TextClassifier, TextEmbedder,
     TextGenerator,
 };
-pub use catalogue::{Catalogue, LoadedModels, RawCatalogue, RawModelEntry};
+pub use catalogue::{Catalogue, LoadedModels, ModelEntry, ModelSpec, RawCatalogue, RawModelEntry};
 pub use classifier::{ClassifierHead, EmbeddingClassifier, TrainConfig};
 pub use embedding::{Embedder, EmbeddingConfig, EmbeddingFiles};
 pub use error::{Error, Result};

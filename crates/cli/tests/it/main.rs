@@ -9,4 +9,5 @@ mod inference;
 mod insights;
 mod model_registry;
 mod resilience;
+mod rollouts;
 mod support;

@@ -19,7 +19,7 @@ fn catalogue_loads_what_it_can() {
     );
     let raw: RawCatalogue = serde_json::from_str(&json).expect("parses");
     let cat = raw.validate(&assets::dir()).expect("valid");
-    let loaded = catalogue::load(&cat);
+    let loaded = catalogue::load(&cat, &Default::default());
     assert_eq!(loaded.models.len(), 3, "{loaded:?}");
     assert_eq!(loaded.failures.len(), 1);
     assert_eq!(loaded.failures[0].0, "broken");

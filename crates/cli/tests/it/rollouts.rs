@@ -1,0 +1,623 @@
+//! Over-the-air model updates end to end: releases published through a real
+//! hub, rolled out in stages to real agents that verify, install, health
+//! check and commit them, and every attack and fault the updater must
+//! survive while the device keeps serving its current model.
+//!
+//! The model is the intent classifier: release A (the catalogue's own
+//! file), release B (trained with another seed, healthy) and a broken
+//! release (A's weights under rotated labels: it loads and answers, wrongly,
+//! so only its health probes catch it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use protocol::AgentStatus;
+use protocol::rollout::{RolloutDetail, RolloutState, UpdatePhase};
+
+use crate::support::{Agent, Hub, STRATA, assets, wait_for};
+
+/// The classifier releases, trained once per target directory.
+struct Heads {
+    a: PathBuf,
+    b: PathBuf,
+    broken: PathBuf,
+    health: PathBuf,
+}
+
+fn train(out: &Path, seed: u64, health: &Path) {
+    let run = Command::new(STRATA)
+        .args([
+            "model",
+            "train-intents",
+            "--seed",
+            &seed.to_string(),
+            "--out",
+        ])
+        .arg(out)
+        .arg("--health-out")
+        .arg(health)
+        .env("STRATA_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// Trains the heads, or waits for another test process that is training
+/// them (a lock file holding its pid).
+fn heads() -> Heads {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rollout-heads");
+    std::fs::create_dir_all(&dir).unwrap();
+    let heads = Heads {
+        a: dir.join("a.safetensors"),
+        b: dir.join("b.safetensors"),
+        broken: dir.join("broken.safetensors"),
+        health: dir.join("health.json"),
+    };
+    let done = dir.join("done");
+    let lock = dir.join("lock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while !done.exists() {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(_) => {
+                std::fs::write(&lock, std::process::id().to_string()).unwrap();
+                let scratch = dir.join("scratch.json");
+                train(&heads.a, 42, &heads.health);
+                train(&heads.b, 7, &scratch);
+                let head = runtime::ClassifierHead::load(&heads.a).unwrap();
+                let mut labels = head.labels().to_vec();
+                labels.rotate_left(1);
+                head.relabel(labels).unwrap().save(&heads.broken).unwrap();
+                std::fs::write(&done, b"").unwrap();
+                let _ = std::fs::remove_file(&lock);
+            }
+            Err(_) => {
+                // Another process trains; take over if it died.
+                let holder = std::fs::read_to_string(&lock).unwrap_or_default();
+                if !holder.is_empty() && !Path::new(&format!("/proc/{}", holder.trim())).exists() {
+                    let _ = std::fs::remove_file(&lock);
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "timed out waiting for the heads"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    heads
+}
+
+/// A hub with registry keys, and a place for agents.
+struct Setup {
+    tmp: tempfile::TempDir,
+    hub: Hub,
+    keys: PathBuf,
+    token_file: PathBuf,
+    heads: Heads,
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let heads = heads();
+        let tmp = tempfile::tempdir().unwrap();
+        let hub = Hub::start(tmp.path()).await;
+        let keys = tmp.path().join("keys");
+        ok(&Command::new(STRATA)
+            .args(["keys", "init", "--out"])
+            .arg(&keys)
+            .arg("--hub-data-dir")
+            .arg(&hub.dir)
+            .env("STRATA_LOG", "warn")
+            .output()
+            .unwrap());
+        let token_file = tmp.path().join("operator.token");
+        Self {
+            tmp,
+            hub,
+            keys,
+            token_file,
+            heads,
+        }
+    }
+
+    fn strata(&self, args: &[&str]) -> Output {
+        Command::new(STRATA)
+            .args(args)
+            .arg("--hub-data-dir")
+            .arg(&self.hub.dir)
+            .arg("--operator-token-file")
+            .arg(&self.token_file)
+            .env("STRATA_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    /// Publishes `file` as `intents@version` with the health probes.
+    fn publish(&self, file: &Path, version: u64, extra: &[&str]) {
+        let mut args = vec![
+            "model".to_owned(),
+            "publish".into(),
+            file.display().to_string(),
+            "--name".into(),
+            "intents".into(),
+            "--version".into(),
+            version.to_string(),
+            "--keys".into(),
+            self.keys.display().to_string(),
+            "--health".into(),
+            self.heads.health.display().to_string(),
+            "--input".into(),
+            "text".into(),
+            "--output".into(),
+            "labels".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let text = ok(&self.strata(&args));
+        assert!(
+            text.contains(&format!("published intents@{version}")),
+            "{text}"
+        );
+    }
+
+    /// Joins and starts an agent serving release A, with a short health window.
+    async fn agent(&self, name: &str, extra: &str) -> Agent {
+        let minilm = assets().join("all-minilm-l6-v2");
+        let config = self.tmp.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[updates]
+health_window_secs = 2
+{extra}
+
+[[models]]
+id = "minilm"
+kind = "embedding"
+path = {minilm:?}
+
+[[models]]
+id = "intents"
+kind = "classifier"
+path = {head:?}
+embedding_model = "minilm"
+"#,
+                minilm = minilm.display().to_string(),
+                head = self.heads.a.display().to_string(),
+            ),
+        )
+        .unwrap();
+        let agent = Agent::enrol_with_config(&self.hub, self.tmp.path().join(name), &config).await;
+        agent.wait_connected(1, Duration::from_secs(60)).await;
+        agent
+    }
+
+    /// Starts a rollout of `intents@version`; returns its id.
+    fn rollout(&self, version: u64, stages: &str) -> String {
+        let text = ok(&self.strata(&[
+            "rollout",
+            "create",
+            &format!("intents@{version}"),
+            "--stages",
+            stages,
+        ]));
+        text.split_whitespace()
+            .nth(1)
+            .filter(|id| id.starts_with("ro-"))
+            .unwrap_or_else(|| panic!("no rollout id in {text}"))
+            .to_owned()
+    }
+
+    async fn detail(&self, id: &str) -> RolloutDetail {
+        let r = self
+            .hub
+            .client()
+            .get(format!("{}/v1/rollouts/{id}", self.hub.url))
+            .bearer_auth(&self.hub.operator_token)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// Waits for the rollout to finish in `state`.
+    async fn finished(&self, id: &str, state: RolloutState) -> RolloutDetail {
+        let detail = wait_for(
+            "the rollout to finish",
+            Duration::from_secs(120),
+            || async {
+                let d = self.detail(id).await;
+                matches!(
+                    d.rollout.state,
+                    RolloutState::Completed | RolloutState::Aborted
+                )
+                .then_some(d)
+            },
+        )
+        .await;
+        assert_eq!(detail.rollout.state, state, "{detail:#?}");
+        detail
+    }
+
+    /// Waits until every device of the rollout has a final phase (their
+    /// reports can arrive after the controller decided).
+    async fn settled(&self, id: &str) -> RolloutDetail {
+        wait_for(
+            "every device's last report",
+            Duration::from_secs(60),
+            || async {
+                let d = self.detail(id).await;
+                d.devices.iter().all(|x| x.phase.is_final()).then_some(d)
+            },
+        )
+        .await
+    }
+
+    fn db(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(self.hub.dir.join("hub.db")).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+}
+
+/// The label the agent gives `text`.
+async fn classify(agent: &Agent, text: &str) -> String {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/classify", agent.local))
+        .json(&serde_json::json!({"model": "intents", "input": [text]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let body: serde_json::Value = r.json().await.unwrap();
+    body["data"][0]["label"].as_str().unwrap().to_owned()
+}
+
+/// The installed version of `intents` the agent serves (`None`: the catalogue's).
+async fn serving(agent: &Agent) -> Option<u64> {
+    let status: AgentStatus = agent.status().await.unwrap();
+    status
+        .installed
+        .iter()
+        .find(|m| m.model == "intents")
+        .map(|m| m.version)
+}
+
+const LIGHTS: &str = "turn on the kitchen lights";
+
+/// The one device's phase and detail in a single-device rollout.
+fn only_device(detail: &RolloutDetail) -> (UpdatePhase, String) {
+    assert_eq!(detail.devices.len(), 1, "{detail:#?}");
+    let d = &detail.devices[0];
+    (d.phase, d.detail.clone().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_rolls_out_in_stages_and_a_broken_one_stops_at_the_canary() {
+    let s = Setup::new().await;
+    let mut agents = Vec::new();
+    for i in 0..4 {
+        agents.push(s.agent(&format!("agent-{i}"), "").await);
+    }
+    assert_eq!(classify(&agents[0], LIGHTS).await, "HassTurnOn");
+
+    // A healthy release goes through both stages.
+    s.publish(&s.heads.b, 1, &[]);
+    let good = s.rollout(1, "25%,100%");
+    let detail = s.finished(&good, RolloutState::Completed).await;
+    assert_eq!(detail.rollout.counts.committed, 4, "{detail:#?}");
+    assert_eq!(detail.devices.iter().filter(|d| d.stage == 0).count(), 1);
+    for agent in &agents {
+        assert_eq!(serving(agent).await, Some(1));
+        assert_eq!(classify(agent, LIGHTS).await, "HassTurnOn");
+    }
+
+    // A signed but broken release fails its health probes on the canary:
+    // the rollout aborts there and no other device is asked.
+    s.publish(&s.heads.broken, 2, &[]);
+    let bad = s.rollout(2, "25%,100%");
+    s.finished(&bad, RolloutState::Aborted).await;
+    let detail = s.settled(&bad).await;
+    assert_eq!(detail.devices.len(), 1, "only the canary: {detail:#?}");
+    let (phase, why) = only_device(&detail);
+    assert_eq!(phase, UpdatePhase::Failed);
+    assert!(why.contains("health check failed"), "{why}");
+    assert!(
+        detail.rollout.decision.contains("failed"),
+        "{}",
+        detail.rollout.decision
+    );
+    for agent in &agents {
+        assert_eq!(serving(agent).await, Some(1), "everyone still on release 1");
+        assert_eq!(classify(agent, LIGHTS).await, "HassTurnOn");
+    }
+    // The status says the same, device by device.
+    let text = ok(&s.strata(&["rollout", "status", &bad]));
+    assert!(
+        text.contains("aborted") && text.contains("failed"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_artifact_with_one_byte_changed_is_refused() {
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    s.publish(&s.heads.b, 1, &[]);
+    let sha = hex_sha(&std::fs::read(&s.heads.b).unwrap());
+    let stored = s.hub.dir.join("artifacts").join(&sha);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&stored, &bytes).unwrap();
+
+    let id = s.rollout(1, "100%");
+    s.finished(&id, RolloutState::Aborted).await;
+    let (phase, why) = only_device(&s.settled(&id).await);
+    assert_eq!(phase, UpdatePhase::Failed);
+    assert!(why.contains("SHA-256") || why.contains("sha256"), "{why}");
+    assert_eq!(serving(&agent).await, None, "still the catalogue's model");
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+}
+
+fn hex_sha(bytes: &[u8]) -> String {
+    registry::Sha256Digest::of(bytes).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_manifest_signed_by_an_unknown_key_is_refused() {
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    s.publish(&s.heads.b, 1, &[]);
+    // Someone with write access to the hub's store swaps in the same
+    // manifest signed by a key of their own.
+    let rogue = s.tmp.path().join("rogue");
+    ok(&Command::new(STRATA)
+        .args(["keys", "init", "--out"])
+        .arg(&rogue)
+        .env("STRATA_LOG", "warn")
+        .output()
+        .unwrap());
+    let rogue_key = registry::SigningKey::from_key_file(
+        &std::fs::read_to_string(rogue.join("targets.key")).unwrap(),
+    )
+    .unwrap();
+    let db = s.db();
+    let signed: Vec<u8> = db
+        .query_row(
+            "SELECT manifest FROM models WHERE name = 'intents' AND version = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let body = registry::read_unverified::<registry::Manifest>(&signed).unwrap();
+    let forged = registry::sign(&body, &[&rogue_key]).unwrap();
+    db.execute(
+        "UPDATE models SET manifest = ?1 WHERE name = 'intents'",
+        [forged],
+    )
+    .unwrap();
+
+    let id = s.rollout(1, "100%");
+    s.finished(&id, RolloutState::Aborted).await;
+    let (phase, why) = only_device(&s.settled(&id).await);
+    assert_eq!(phase, UpdatePhase::Failed);
+    assert!(why.contains("does not know"), "{why}");
+    assert_eq!(serving(&agent).await, None);
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_signed_below_its_threshold_is_refused() {
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    s.publish(&s.heads.b, 1, &[]);
+    // A root rotation signed by one of the three root keys (threshold 2).
+    let root = registry::read_unverified::<registry::Root>(
+        &std::fs::read(s.keys.join("root.json")).unwrap(),
+    )
+    .unwrap();
+    let next = registry::Root {
+        version: root.version + 1,
+        ..root
+    };
+    let one_key = std::fs::read_dir(&s.keys)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("root"))
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .expect("a root key file");
+    let key =
+        registry::SigningKey::from_key_file(&std::fs::read_to_string(one_key).unwrap()).unwrap();
+    let signed = registry::sign(&next, &[&key]).unwrap();
+    s.db()
+        .execute(
+            "INSERT INTO registry_docs (kind, version, body, created_at) VALUES ('root', ?1, ?2, 0)",
+            rusqlite::params![next.version as i64, signed],
+        )
+        .unwrap();
+
+    let id = s.rollout(1, "100%");
+    s.finished(&id, RolloutState::Aborted).await;
+    let (phase, why) = only_device(&s.settled(&id).await);
+    assert_eq!(phase, UpdatePhase::Failed);
+    assert!(why.contains("threshold"), "{why}");
+    assert_eq!(serving(&agent).await, None);
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_release_than_the_device_has_is_refused() {
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    s.publish(&s.heads.b, 1, &[]);
+    s.publish(&s.heads.a, 2, &[]);
+    let id = s.rollout(2, "100%");
+    s.finished(&id, RolloutState::Completed).await;
+    assert_eq!(serving(&agent).await, Some(2));
+
+    let id = s.rollout(1, "100%");
+    s.finished(&id, RolloutState::Aborted).await;
+    let (phase, why) = only_device(&s.settled(&id).await);
+    assert_eq!(phase, UpdatePhase::Failed);
+    assert!(why.contains("verification failed"), "{why}");
+    assert_eq!(serving(&agent).await, Some(2), "still on release 2");
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_metadata_is_refused() {
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    // The publisher signs targets and manifest valid for three seconds.
+    s.publish(&s.heads.b, 1, &["--expires", "3s"]);
+    let expires = std::time::Instant::now() + Duration::from_secs(3);
+    wait_for("the release to expire", Duration::from_secs(10), || async {
+        (std::time::Instant::now() > expires).then_some(())
+    })
+    .await;
+    let id = s.rollout(1, "100%");
+    s.finished(&id, RolloutState::Aborted).await;
+    let (phase, why) = only_device(&s.settled(&id).await);
+    assert_eq!(phase, UpdatePhase::Failed);
+    assert!(why.contains("expired"), "{why}");
+    assert_eq!(serving(&agent).await, None);
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_snapshot_replayed_is_refused() {
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    s.publish(&s.heads.b, 1, &[]);
+    s.publish(&s.heads.a, 2, &[]);
+    let id = s.rollout(2, "100%");
+    s.finished(&id, RolloutState::Completed).await;
+    // Release 3 is published, then the hub's store is rolled back to the
+    // metadata of release 1: the device has seen newer, so it is a freeze.
+    s.publish(&s.heads.b, 3, &[]);
+    s.db()
+        .execute(
+            "DELETE FROM registry_docs WHERE kind IN ('timestamp', 'snapshot', 'targets') AND version >= 2",
+            [],
+        )
+        .unwrap();
+    let id = s.rollout(3, "100%");
+    s.finished(&id, RolloutState::Aborted).await;
+    let (phase, why) = only_device(&s.settled(&id).await);
+    assert_eq!(phase, UpdatePhase::Failed);
+    assert!(why.contains("freeze") || why.contains("older"), "{why}");
+    assert_eq!(serving(&agent).await, Some(2));
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_cut_half_way_resumes_and_verifies() {
+    let s = Setup::new().await;
+    let proxy =
+        netfault::FaultProxy::start(s.hub.url.trim_start_matches("https://").parse().unwrap())
+            .await
+            .unwrap();
+    let size = std::fs::metadata(&s.heads.b).unwrap().len();
+    // A slow uplink, so that the cut lands mid-download: about four seconds
+    // (the agent caps itself at the same rate).
+    let rate = (size / 4).max(1024);
+    proxy.throttle(Some(rate));
+    let agent = s
+        .agent(
+            "agent",
+            &format!(
+                "download_rate_bytes_per_sec = {rate}\n[hub]\nurl = \"https://{}\"\nreconnect_max_ms = 500\n",
+                proxy.addr()
+            ),
+        )
+        .await;
+    s.publish(&s.heads.b, 1, &[]);
+    let id = s.rollout(1, "100%");
+    wait_for("half the download", Duration::from_secs(60), || async {
+        let u = agent.status().await?.update?;
+        (u.downloaded_bytes >= u.total_bytes / 2 && u.downloaded_bytes < u.total_bytes)
+            .then_some(())
+    })
+    .await;
+    proxy.cut();
+    wait_for(
+        "the agent to notice the cut",
+        Duration::from_secs(30),
+        || async {
+            let u = agent.status().await?.update?;
+            u.detail.filter(|d| !d.is_empty()).map(|_| ())
+        },
+    )
+    .await;
+    proxy.restore();
+    s.finished(&id, RolloutState::Completed).await;
+    let update = agent.status().await.unwrap().update.unwrap();
+    assert!(update.attempts >= 2, "{update:?}");
+    assert!(
+        update.resumed_from > 0 && update.resumed_from < update.total_bytes,
+        "the second attempt resumed: {update:?}"
+    );
+    assert_eq!(update.downloaded_bytes, size);
+    assert_eq!(serving(&agent).await, Some(1));
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_in_its_health_window_comes_back_on_a_working_model() {
+    let s = Setup::new().await;
+    let config_extra = "";
+    let mut agent = s.agent("agent", config_extra).await;
+    // A long health window, so the kill lands inside it.
+    let config = s.tmp.path().join("agent.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("health_window_secs = 2", "health_window_secs = 600");
+    std::fs::write(&config, text).unwrap();
+    agent.kill();
+    let mut agent = Agent::start_with(agent.dir.clone(), Some(&config)).await;
+    agent.wait_connected(1, Duration::from_secs(60)).await;
+
+    s.publish(&s.heads.b, 1, &[]);
+    let id = s.rollout(1, "100%");
+    wait_for("the release on trial", Duration::from_secs(60), || async {
+        let status = agent.status().await?;
+        status
+            .installed
+            .iter()
+            .any(|m| m.model == "intents" && m.version == 1 && m.trial)
+            .then_some(())
+    })
+    .await;
+    agent.kill();
+
+    let agent = Agent::start_with(agent.dir.clone(), Some(&config)).await;
+    agent.wait_connected(1, Duration::from_secs(60)).await;
+    assert_eq!(serving(&agent).await, None, "back on the catalogue's model");
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+    s.finished(&id, RolloutState::Aborted).await;
+    let (phase, why) = only_device(&s.settled(&id).await);
+    assert_eq!(phase, UpdatePhase::Failed);
+    assert!(why.contains("health window"), "{why}");
+}
