@@ -170,7 +170,7 @@ pub(crate) fn train_intents(args: &TrainIntentsArgs) -> anyhow::Result<f64> {
         let health = registry::HealthCheck {
             probes,
             min_pass: 0.8,
-            max_latency_ms: Some(2000),
+            max_latency_ms: Some(5000),
         };
         std::fs::write(path, serde_json::to_vec_pretty(&health)?)
             .with_context(|| format!("writing {}", path.display()))?;

@@ -3,9 +3,10 @@
 //! Every device is a real `strata edge` process with its own data directory,
 //! its own key and certificate, talking to a real `strata hub` process over
 //! loopback mutual TLS. The demo is a sequence of acts over a [`Fleet`]:
-//! today "enrol the fleet" and "watch it live"; later capabilities add their
-//! own acts (a site going offline, a rollout, a federated round) that use the
-//! same [`Fleet`] handle.
+//! enrol the fleet, ask its models, take a site offline and back, roll a
+//! good and a broken model release out ([`rollout_act`]), watch it live.
+//! Later capabilities add their own acts (a federated round) over the same
+//! [`Fleet`] handle.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -37,6 +37,11 @@ use crate::api;
         crate::registry::list_models,
         crate::registry::get_manifest,
         crate::registry::get_doc,
+        crate::rollouts::create,
+        crate::rollouts::list,
+        crate::rollouts::show,
+        crate::rollouts::act,
+        crate::rollouts::report,
     ),
     modifiers(&Security),
     tags(
@@ -45,6 +50,7 @@ use crate::api;
         (name = "operators", description = "Calls operators make"),
         (name = "registry", description = "The signed model registry: artifacts, manifests and TUF-style metadata"),
         (name = "insights", description = "Insights devices delivered, and the fleet views computed from them"),
+        (name = "rollouts", description = "Staged, health-gated rollouts of model releases, and devices' reports on them"),
     )
 )]
 struct HubApi;

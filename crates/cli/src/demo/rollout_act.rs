@@ -240,10 +240,13 @@ pub(crate) async fn run(fleet: &Fleet, head: &Path) -> anyhow::Result<()> {
     ));
     let created = strata(
         fleet,
-        &["rollout", "create", "intents@2", "--stages", "25%,100%"],
+        &["rollout", "create", "intents@2", "--stages", "10%,100%"],
     )
     .await?;
     let id = rollout_id(&created)?;
+    out(&format!(
+        "  rollout {id} of intents@2: stages 10% (the canary), 100%"
+    ));
     let d = follow(fleet, &id).await?;
     if d.rollout.state != RolloutState::Aborted {
         bail!("the broken release was not stopped: {}", d.rollout.decision);

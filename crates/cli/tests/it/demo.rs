@@ -1,5 +1,6 @@
 //! `strata demo` on its defaults brings up a hub and 8 devices across 2
-//! sites, each serving real models, and takes a site offline and back.
+//! sites, each serving real models, takes a site offline and back, and
+//! rolls a good and a broken model release out to the fleet.
 
 use std::process::Command;
 
@@ -47,6 +48,24 @@ fn the_demo_enrols_its_fleet_and_shows_it_online() {
         .find(|l| l.contains("caught up in"))
         .unwrap_or_else(|| panic!("no catch-up line: {stdout}"));
     assert!(caught_up.contains("none lost, none twice"), "{caught_up}");
+    // A healthy release rolls out in stages to every device; a signed but
+    // broken one fails its health probes on the one-device canary, the
+    // rollout aborts, and every device still serves the healthy release.
+    assert!(
+        stdout.contains("intents@1 committed on 8/8 devices"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("stage 3/3 (100%)"), "{stdout}");
+    let caught = stdout
+        .lines()
+        .find(|l| l.contains("caught at the canary"))
+        .unwrap_or_else(|| panic!("no canary line: {stdout}"));
+    assert!(caught.contains("1 of 8 devices were asked"), "{caught}");
+    assert!(caught.contains("health check failed"), "{caught}");
+    assert!(
+        stdout.contains("8/8 devices serve intents@1; none serves the broken release"),
+        "{stdout}"
+    );
     // Each device has its own identity.
     let certs: std::collections::BTreeSet<Vec<u8>> = std::fs::read_dir(tmp.path().join("devices"))
         .unwrap()

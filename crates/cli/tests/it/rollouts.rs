@@ -621,3 +621,53 @@ async fn an_agent_killed_in_its_health_window_comes_back_on_a_working_model() {
     assert_eq!(phase, UpdatePhase::Failed);
     assert!(why.contains("health window"), "{why}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_offline_device_catches_up_and_the_rollout_survives_a_hub_restart() {
+    let mut s = Setup::new().await;
+    let online = s.agent("online", "").await;
+    let mut offline = s.agent("offline", "").await;
+    let offline_config = s.tmp.path().join("offline.toml");
+    offline.kill();
+    s.publish(&s.heads.b, 1, &[]);
+    let id = s.rollout(1, "100%");
+
+    // Paused, it asks nobody new; resumed, it goes on. Resuming an active
+    // rollout is refused with one readable line.
+    let paused = ok(&s.strata(&["rollout", "pause", &id]));
+    assert!(paused.contains("paused"), "{paused}");
+    let err = s.strata(&["rollout", "pause", &id]);
+    assert_eq!(err.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("cannot pause"));
+    ok(&s.strata(&["rollout", "resume", &id]));
+
+    // The online device commits; with half the stage committed the
+    // controller holds (90 % needed) and waits for the offline one.
+    wait_for(
+        "the online device to commit",
+        Duration::from_secs(60),
+        || async {
+            let d = s.detail(&id).await;
+            (d.rollout.counts.committed == 1).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(serving(&online).await, Some(1));
+    let d = s.detail(&id).await;
+    assert_eq!(d.rollout.state, RolloutState::Active, "{d:#?}");
+    assert!(
+        d.rollout.decision.contains("1 of 2 devices committed"),
+        "{}",
+        d.rollout.decision
+    );
+
+    // The hub restarts mid-rollout, then the device comes back: it gets
+    // the install it missed, and the restarted controller completes.
+    s.hub.restart().await;
+    let back = Agent::start_with(offline.dir.clone(), Some(&offline_config)).await;
+    s.finished(&id, RolloutState::Completed).await;
+    assert_eq!(serving(&back).await, Some(1));
+    assert_eq!(classify(&back, LIGHTS).await, "HassTurnOn");
+    let text = ok(&s.strata(&["rollout", "status"]));
+    assert!(text.contains(&id) && text.contains("completed"), "{text}");
+}
