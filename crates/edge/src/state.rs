@@ -397,4 +397,58 @@ mod tests {
         assert_eq!(state.last_message_seq().unwrap(), 7);
         assert!(state.enrolment().unwrap().is_none());
     }
+
+    #[test]
+    fn updates_survive_reopen_and_owe_only_their_latest_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let state = State::open(&path).unwrap();
+        assert!(state.add_update("ro-1", "intents", 2).unwrap());
+        assert!(
+            !state.add_update("ro-1", "intents", 2).unwrap(),
+            "once per rollout"
+        );
+        assert_eq!(state.pending_updates().unwrap().len(), 1);
+        for phase in [UpdatePhase::Downloading, UpdatePhase::Installed] {
+            state
+                .set_update_phase("ro-1", phase, PhaseChange::default())
+                .unwrap();
+        }
+        // Two phase changes, one report owed: the latest, numbered 2.
+        let owed = state.unsent_reports().unwrap();
+        assert_eq!(owed.len(), 1);
+        assert_eq!(
+            (owed[0].1.seq, owed[0].1.phase),
+            (2, UpdatePhase::Installed)
+        );
+        state.report_sent("ro-1", 2).unwrap();
+        assert!(state.unsent_reports().unwrap().is_empty());
+        state
+            .set_update_phase(
+                "ro-1",
+                UpdatePhase::Committed,
+                PhaseChange {
+                    serving_version: Some(2),
+                    requests: 10,
+                    errors: 1,
+                    p95_ms: Some(12.5),
+                    detail: Some("ok".into()),
+                },
+            )
+            .unwrap();
+        drop(state);
+        let state = State::open(&path).unwrap();
+        assert!(
+            state.pending_updates().unwrap().is_empty(),
+            "committed is done"
+        );
+        let owed = state.unsent_reports().unwrap();
+        assert_eq!(owed[0].1.seq, 3);
+        assert_eq!(owed[0].1.requests, 10);
+        // A roll-back asked for a committed update makes it pending again.
+        assert!(state.request_rollback("ro-1").unwrap());
+        assert!(!state.request_rollback("ro-unknown").unwrap());
+        let pending = state.pending_updates().unwrap();
+        assert!(pending[0].rollback_requested);
+    }
 }

@@ -214,13 +214,15 @@ embedding_model = "minilm"
 
     /// Starts a rollout of `intents@version`; returns its id.
     fn rollout(&self, version: u64, stages: &str) -> String {
-        let text = ok(&self.strata(&[
-            "rollout",
-            "create",
-            &format!("intents@{version}"),
-            "--stages",
-            stages,
-        ]));
+        self.rollout_with(version, stages, &[])
+    }
+
+    /// Starts a rollout with more flags (gates, thresholds).
+    fn rollout_with(&self, version: u64, stages: &str, extra: &[&str]) -> String {
+        let release = format!("intents@{version}");
+        let mut args = vec!["rollout", "create", &release, "--stages", stages];
+        args.extend_from_slice(extra);
+        let text = ok(&self.strata(&args));
         text.split_whitespace()
             .nth(1)
             .filter(|id| id.starts_with("ro-"))
@@ -670,4 +672,161 @@ async fn an_offline_device_catches_up_and_the_rollout_survives_a_hub_restart() {
     assert_eq!(classify(&back, LIGHTS).await, "HassTurnOn");
     let text = ok(&s.strata(&["rollout", "status"]));
     assert!(text.contains(&id) && text.contains("completed"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_breached_gate_aborts_the_rollout_and_rolls_committed_devices_back() {
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    s.publish(&s.heads.b, 1, &[]);
+    // Traffic on the device throughout, so the new release's latency is
+    // measured in its health window; the gate cannot hold (p95 < 1 µs).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, url) = (stop.clone(), agent.local.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = client
+                    .post(format!("{url}/v1/classify"))
+                    .json(&serde_json::json!({"model": "intents", "input": [LIGHTS]}))
+                    .send()
+                    .await;
+            }
+        })
+    };
+    let id = s.rollout_with(1, "100%", &["--gate", "p95_ms<0.001"]);
+    let detail = s.finished(&id, RolloutState::Aborted).await;
+    assert!(
+        detail.rollout.decision.contains("gate breached"),
+        "{}",
+        detail.rollout.decision
+    );
+    // The device had committed; the abort sends it back.
+    let detail = wait_for(
+        "the device to roll back",
+        Duration::from_secs(60),
+        || async {
+            let d = s.detail(&id).await;
+            (only_device(&d).0 == UpdatePhase::RolledBack).then_some(d)
+        },
+    )
+    .await;
+    let why = only_device(&detail).1;
+    assert!(why.contains("as the hub asked"), "{why}");
+    assert!(detail.devices[0].requests > 0 && detail.devices[0].p95_ms.is_some());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    traffic.await.unwrap();
+    assert_eq!(serving(&agent).await, None, "back on the catalogue's model");
+    assert_eq!(classify(&agent, LIGHTS).await, "HassTurnOn");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollout_requests_that_cannot_be_honoured_get_problem_bodies() {
+    use crate::support::{device_client, problem};
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    s.publish(&s.heads.b, 1, &[]);
+    let cases = [
+        (
+            serde_json::json!({"model": "intents", "version": 9}),
+            404,
+            "no-such-release",
+        ),
+        (
+            serde_json::json!({"model": "intents", "version": 1, "stages": [50, 20, 100]}),
+            400,
+            "bad-plan",
+        ),
+        (
+            serde_json::json!({"model": "intents", "version": 1, "gates": ["latency<5"]}),
+            400,
+            "bad-gate",
+        ),
+        (
+            serde_json::json!({"model": "intents", "version": 1, "max_failed": 3.0}),
+            400,
+            "bad-plan",
+        ),
+        (
+            serde_json::json!({"model": "intents", "version": 1, "colour": "red"}),
+            400,
+            "",
+        ),
+    ];
+    for (body, status, slug) in cases {
+        let (got, p) = problem(s.hub.operator_post("/v1/rollouts", body.clone()).await).await;
+        assert_eq!(got, status, "{body}: {p:?}");
+        assert!(p.problem_type.ends_with(slug), "{body}: {p:?}");
+    }
+    // One live rollout per model: a second is refused while the first runs.
+    let paused = s.rollout(1, "100%");
+    ok(&s.strata(&["rollout", "pause", &paused]));
+    let (got, p) = problem(
+        s.hub
+            .operator_post(
+                "/v1/rollouts",
+                serde_json::json!({"model": "intents", "version": 1}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(got, 409, "{p:?}");
+    assert!(p.detail.contains(&paused), "{p:?}");
+    // A device reports only on rollouts it is part of, only as itself, and
+    // only in the phases a device reports.
+    let device = device_client(&s.hub.ca_pem(), &agent.dir);
+    let me = agent.status().await.unwrap().device_id;
+    let report = |path: String, body: serde_json::Value| {
+        let device = device.clone();
+        let url = format!("{}{path}", s.hub.url);
+        async move { device.post(url).json(&body).send().await.unwrap() }
+    };
+    let body = serde_json::json!({"seq": 1, "phase": "committed", "serving_version": 1});
+    let (got, _) = problem(
+        report(
+            format!("/v1/devices/{me}/rollouts/ro-00000000"),
+            body.clone(),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(got, 404);
+    let (got, _) = problem(
+        report(
+            format!("/v1/devices/dev-someone-else/rollouts/{paused}"),
+            body,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(got, 403);
+    let (got, p) = problem(
+        report(
+            format!("/v1/devices/{me}/rollouts/{paused}"),
+            serde_json::json!({"seq": 1, "phase": "notified", "serving_version": null}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(got, 400, "{p:?}");
+    // Unknown actions and rollouts are 404s; the CLI says so in one line.
+    let (got, _) = problem(
+        s.hub
+            .operator_post(
+                &format!("/v1/rollouts/{paused}/explode"),
+                serde_json::json!({}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(got, 404);
+    let out = s.strata(&["rollout", "abort", "ro-nothere"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no rollout"), "{err}");
+    let out = s.strata(&["rollout", "create", "intents", "--stages", "5%,100%"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("name@version"));
 }

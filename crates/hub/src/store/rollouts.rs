@@ -338,8 +338,11 @@ impl Store {
                 return Ok(ReportOutcome::Stale);
             }
             tx.execute(
+                // Health figures accumulate: a later report without them
+                // (a roll-back) keeps what the health window measured.
                 "UPDATE rollout_devices SET report_seq = ?3, phase = ?4, serving_version = ?5,
-                 detail = ?6, requests = ?7, errors = ?8, p95_ms = ?9, updated_at = ?10
+                 detail = ?6, requests = max(requests, ?7), errors = max(errors, ?8),
+                 p95_ms = coalesce(?9, p95_ms), updated_at = ?10
                  WHERE rollout_id = ?1 AND device_id = ?2",
                 params![
                     rollout_id,
