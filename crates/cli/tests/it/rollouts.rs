@@ -475,6 +475,18 @@ async fn an_older_release_than_the_device_has_is_refused() {
     let agent = s.agent("agent", "").await;
     s.publish(&s.heads.b, 1, &[]);
     s.publish(&s.heads.a, 2, &[]);
+    // `model show` prints the signed manifest, the newest by default.
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&s.strata(&["model", "show", "intents"]))).unwrap();
+    assert_eq!(shown["signed"]["version"], 2);
+    assert_eq!(shown["signed"]["health"]["min_pass"], 0.8);
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&s.strata(&["model", "show", "intents@1"]))).unwrap();
+    assert_eq!(shown["signed"]["version"], 1);
+    let missing = s.strata(&["model", "show", "nothing"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no release"));
+
     let id = s.rollout(2, "100%");
     s.finished(&id, RolloutState::Completed).await;
     assert_eq!(serving(&agent).await, Some(2));
