@@ -70,7 +70,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
     // that died is rolled back here), then load the catalogue with them.
     let disk = crate::updater::disk::Disk::new(dir.root());
     let resolved = crate::updater::resolve_installed(&disk, &state, &config.catalogue);
-    let (loaded, embedders, models) = load_models(&config.catalogue, resolved.paths).await;
+    let (loaded, embedders, models) = load_models(&config.catalogue, resolved.files).await;
     let (metrics, registry) = AgentMetrics::new();
     let status = Arc::new(Status::new(
         enrolment.clone(),
@@ -186,7 +186,7 @@ async fn close_windows(insights: Arc<Insights>) {
 /// logged and reported in the status; the others are served.
 async fn load_models(
     catalogue: &runtime::Catalogue,
-    paths: std::collections::BTreeMap<String, std::path::PathBuf>,
+    files: std::collections::BTreeMap<String, crate::updater::VerifiedFile>,
 ) -> (
     std::collections::BTreeMap<String, Arc<dyn runtime::ModelBackend>>,
     std::collections::BTreeMap<String, Arc<runtime::Embedder>>,
@@ -198,6 +198,11 @@ async fn load_models(
         .map(|e| (e.id.clone(), e.spec.kind().to_string()))
         .collect();
     let catalogue = catalogue.clone();
+    // Installed releases load only from files that verified.
+    let paths: std::collections::BTreeMap<String, std::path::PathBuf> = files
+        .into_iter()
+        .map(|(id, f)| (id, f.path().to_owned()))
+        .collect();
     let loaded =
         match tokio::task::spawn_blocking(move || runtime::catalogue::load(&catalogue, &paths))
             .await

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::rollout::{InstalledModel, UpdatePhase, UpdateStatus};
-use registry::{HealthCheck, Manifest, TrustedState, Verified};
+use registry::{HealthCheck, Manifest, TrustedState, Verified, VerifiedArtifact};
 use runtime::{ModelBackend, ModelSpec};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
@@ -72,8 +72,30 @@ impl Default for UpdateConfig {
 /// Why an update did not go through (reported as the `failed` detail).
 type Failure = String;
 
+/// A release's artifact on disk, checked against its verified manifest:
+/// the only thing the updater hands to the model loader. Built only from a
+/// [`VerifiedArtifact`] (which only the `registry` crate makes) for the
+/// file that was hashed.
+#[derive(Debug, Clone)]
+pub struct VerifiedFile {
+    path: PathBuf,
+    artifact: VerifiedArtifact,
+}
+
+impl VerifiedFile {
+    /// The artifact's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The manifest it matched.
+    pub fn manifest(&self) -> &Manifest {
+        self.artifact.manifest()
+    }
+}
+
 /// Checks an artifact on disk against a manifest, reading it in chunks.
-fn check_file(manifest: Verified<Manifest>, path: &Path) -> Result<(), String> {
+fn check_file(manifest: Verified<Manifest>, path: &Path) -> Result<VerifiedFile, String> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut checker = manifest.artifact_checker();
@@ -87,17 +109,20 @@ fn check_file(manifest: Verified<Manifest>, path: &Path) -> Result<(), String> {
         }
         checker.update(&buf[..n]).map_err(|e| e.to_string())?;
     }
-    checker.finish().map(|_| ()).map_err(|e| e.to_string())
+    let artifact = checker.finish().map_err(|e| e.to_string())?;
+    Ok(VerifiedFile {
+        path: path.to_owned(),
+        artifact,
+    })
 }
 
-/// Re-verifies installed `version` of `name` (signature and artifact hash)
-/// and returns its artifact's path.
+/// Re-verifies installed `version` of `name` (signature and artifact hash).
 fn verified_path(
     disk: &Disk,
     trusted: &TrustedState,
     name: &str,
     version: u64,
-) -> Result<PathBuf, String> {
+) -> Result<VerifiedFile, String> {
     let signed = disk
         .manifest(name, version)
         .map_err(|e| format!("manifest of {name}@{version}: {e}"))?;
@@ -113,15 +138,14 @@ fn verified_path(
     let path = disk
         .artifact(name, version)
         .map_err(|e| format!("artifact of {name}@{version}: {e}"))?;
-    check_file(manifest, &path)?;
-    Ok(path)
+    check_file(manifest, &path)
 }
 
 /// What [`resolve_installed`] found.
 #[derive(Debug, Default)]
 pub struct Resolved {
-    /// The file each model loads from, where an installed release serves.
-    pub paths: BTreeMap<String, PathBuf>,
+    /// The verified file each model loads from, where an installed release serves.
+    pub files: BTreeMap<String, VerifiedFile>,
     /// The installed releases, for the status.
     pub installed: Vec<InstalledModel>,
 }
@@ -197,8 +221,8 @@ pub fn resolve_installed(disk: &Disk, state: &State, catalogue: &runtime::Catalo
         let mut chosen = None;
         for version in candidates {
             match verified_path(disk, trusted, name, version) {
-                Ok(path) => {
-                    chosen = Some((version, path));
+                Ok(file) => {
+                    chosen = Some((version, file));
                     break;
                 }
                 Err(e) => {
@@ -207,8 +231,8 @@ pub fn resolve_installed(disk: &Disk, state: &State, catalogue: &runtime::Catalo
             }
         }
         match chosen {
-            Some((version, path)) => {
-                out.paths.insert(name.to_owned(), path);
+            Some((version, file)) => {
+                out.files.insert(name.to_owned(), file);
                 out.installed.push(InstalledModel {
                     model: name.to_owned(),
                     version,
@@ -240,34 +264,37 @@ pub fn health_check(
         None => (&smoke[..], 1.0, None),
     };
     let mut passed = 0usize;
-    let mut slowest = Duration::ZERO;
+    let mut latencies = Vec::with_capacity(probes.len());
     for (i, probe) in probes.iter().enumerate() {
         let started = Instant::now();
         let ok = probe_once(model, probe)?;
         // The first probe warms the model up (first allocations, caches);
         // latency is judged on the rest, as traffic will see it.
         if i > 0 || probes.len() == 1 {
-            slowest = slowest.max(started.elapsed());
+            latencies.push(started.elapsed());
         }
         passed += usize::from(ok);
     }
+    latencies.sort_unstable();
+    // The median: the model's speed, not one scheduling hiccup.
+    let median = latencies[latencies.len() / 2];
     let rate = passed as f64 / probes.len() as f64;
     let summary = format!(
-        "{passed} of {} probes passed ({:.0} %, {:.0} % needed), slowest {} ms",
+        "{passed} of {} probes passed ({:.0} %, {:.0} % needed), median {} ms",
         probes.len(),
         rate * 100.0,
         min_pass * 100.0,
-        slowest.as_millis()
+        median.as_millis()
     );
     if rate + 1e-9 < min_pass {
         return Err(format!("health check failed: {summary}"));
     }
     if let Some(max) = max_ms
-        && slowest > Duration::from_millis(max)
+        && median > Duration::from_millis(max)
     {
         return Err(format!(
-            "health check failed: a probe took {} ms, limit {max} ms",
-            slowest.as_millis()
+            "health check failed: probes took {} ms (median), limit {max} ms",
+            median.as_millis()
         ));
     }
     Ok(summary)
@@ -672,11 +699,14 @@ impl Updater {
         Ok(())
     }
 
+    /// Loads model `name` from a verified release, or from the catalogue's
+    /// own file (`None`).
     async fn load(
         &self,
         name: &str,
-        path: Option<PathBuf>,
+        file: Option<VerifiedFile>,
     ) -> Result<Arc<dyn ModelBackend>, Failure> {
+        let path = file.map(|f| f.path);
         let entry = self
             .catalogue
             .entries
@@ -752,7 +782,12 @@ impl Updater {
             return self.fail(&job, format!("writing active.json: {e}"));
         }
         self.refresh_installed();
-        let model = match self.load(&job.model, Some(path)).await {
+        // The file moved into place is the one that was hashed.
+        let file = VerifiedFile {
+            path,
+            artifact: artifact.clone(),
+        };
+        let model = match self.load(&job.model, Some(file)).await {
             Ok(m) => m,
             Err(e) => return self.restore_failed(&job, before.as_ref(), e).await,
         };

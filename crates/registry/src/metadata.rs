@@ -348,8 +348,8 @@ pub struct HealthCheck {
     pub probes: Vec<Probe>,
     /// Fraction of the probes that must pass, in `(0, 1]`.
     pub min_pass: f64,
-    /// Largest acceptable latency of one probe, in milliseconds (the first
-    /// probe warms the model up and is not judged).
+    /// Largest acceptable median latency of the probes, in milliseconds
+    /// (the first probe warms the model up and is not counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_latency_ms: Option<u64>,
 }

@@ -72,6 +72,13 @@ fn heads() -> Heads {
                 let scratch = dir.join("scratch.json");
                 train(&heads.a, 42, &heads.health);
                 train(&heads.b, 7, &scratch);
+                // These tests are about verification and rollback, not
+                // speed: a debug build on a busy machine gets a generous
+                // latency bound for its probes.
+                let mut health: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&heads.health).unwrap()).unwrap();
+                health["max_latency_ms"] = 60_000.into();
+                std::fs::write(&heads.health, serde_json::to_vec(&health).unwrap()).unwrap();
                 let head = runtime::ClassifierHead::load(&heads.a).unwrap();
                 let mut labels = head.labels().to_vec();
                 labels.rotate_left(1);
