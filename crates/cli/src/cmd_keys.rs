@@ -28,6 +28,27 @@ pub(crate) enum KeysCommand {
     /// root key; give it to the hub and to devices). Refuses a directory
     /// that already holds a root.
     Init(InitArgs),
+    /// Rotate the online snapshot and timestamp keys (after a hub
+    /// compromise, or on schedule): sign the next root version with the
+    /// root keys in DIR, hand the new online keys to the hub (its
+    /// `registry/`, as `*.key.next`) and install the root through the hub
+    /// API. The hub checks the new root against the current one as a
+    /// device does, then re-signs its snapshot and timestamp with the new
+    /// keys; devices walk to the new root on their next update.
+    Rotate(RotateArgs),
+}
+
+/// `strata keys rotate`.
+#[derive(Debug, Args)]
+pub(crate) struct RotateArgs {
+    /// The directory `strata keys init` wrote (root keys, `root.json`).
+    #[arg(long, env = "STRATA_REGISTRY_KEYS")]
+    keys: PathBuf,
+    /// How long the new root metadata stays valid (e.g. 365d).
+    #[arg(long, default_value = "365d")]
+    expires: humantime::Duration,
+    #[command(flatten)]
+    hub: crate::operator::HubConnection,
 }
 
 /// `strata keys init`.
@@ -52,10 +73,108 @@ pub(crate) struct InitArgs {
 }
 
 /// Runs `strata keys …`.
-pub(crate) fn run(cmd: KeysCommand) -> anyhow::Result<()> {
+pub(crate) async fn run(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Init(args) => init(&args),
+        KeysCommand::Rotate(args) => rotate(args).await,
     }
+}
+
+async fn rotate(args: RotateArgs) -> anyhow::Result<()> {
+    let Some(hub_dir) = args.hub.data_dir() else {
+        bail!("--hub-data-dir is needed: the new online keys go into the hub's data directory");
+    };
+    let root_file = args.keys.join("root.json");
+    let current =
+        std::fs::read(&root_file).with_context(|| format!("reading {}", root_file.display()))?;
+    let now = time::OffsetDateTime::now_utc();
+    let trusted = registry::TrustedState::bootstrap(&current, now)
+        .with_context(|| format!("checking {}", root_file.display()))?;
+    let old = trusted.root().clone();
+    // Every root key held here that the current root names.
+    let mut roots = Vec::new();
+    for entry in
+        std::fs::read_dir(&args.keys).with_context(|| format!("reading {}", args.keys.display()))?
+    {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with("root-") && name.ends_with(".key") {
+            let key = SigningKey::from_key_file(&std::fs::read_to_string(&path)?)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if old.roles.root.key_ids.contains(&key.key_id()) {
+                roots.push(key);
+            }
+        }
+    }
+    if roots.len() < old.roles.root.threshold as usize {
+        bail!(
+            "{} holds {} of the root keys; {} must sign a new root",
+            args.keys.display(),
+            roots.len(),
+            old.roles.root.threshold
+        );
+    }
+    let mut rng = rand::rng();
+    let snapshot = SigningKey::generate(&mut rng);
+    let timestamp = SigningKey::generate(&mut rng);
+    let pick = |role: registry::Role| RoleSpec {
+        threshold: old.role(role).threshold,
+        keys: old
+            .role(role)
+            .key_ids
+            .iter()
+            .filter_map(|id| old.keys.get(id).copied())
+            .collect(),
+    };
+    let next = Root::new(
+        old.version + 1,
+        now + *args.expires,
+        pick(registry::Role::Root),
+        pick(registry::Role::Targets),
+        RoleSpec {
+            threshold: 1,
+            keys: vec![snapshot.public_key()],
+        },
+        RoleSpec {
+            threshold: 1,
+            keys: vec![timestamp.public_key()],
+        },
+    )?;
+    let signed = registry::sign(&next, &roots.iter().collect::<Vec<_>>())?;
+    // The hub takes the keys only with a root that names them.
+    let registry_dir = hub_dir.join("registry");
+    write_key(&registry_dir.join("snapshot.key.next"), &snapshot)?;
+    write_key(&registry_dir.join("timestamp.key.next"), &timestamp)?;
+    let op = crate::operator::Operator::connect(&args.hub)?;
+    let answer = op
+        .post_json(
+            "/v1/registry/root",
+            &serde_json::json!({"root": String::from_utf8(signed.clone())?}),
+        )
+        .await
+        .context("installing the new root on the hub")?;
+    // Keep the old root beside the new one; devices provisioned with it
+    // walk forward.
+    let kept = args.keys.join(format!("root-v{}.json", old.version));
+    durable::write_atomic(&kept, &current, durable::PUBLIC)
+        .with_context(|| format!("writing {}", kept.display()))?;
+    let online = args.keys.join("online");
+    write_key(&online.join("snapshot.key"), &snapshot)?;
+    write_key(&online.join("timestamp.key"), &timestamp)?;
+    durable::write_atomic(&root_file, &signed, durable::PUBLIC)
+        .with_context(|| format!("writing {}", root_file.display()))?;
+    out(&format!(
+        "root v{} installed: new snapshot key {}, new timestamp key {}; the hub re-signed snapshot v{} and timestamp v{}",
+        next.version,
+        snapshot.key_id().short(),
+        timestamp.key_id().short(),
+        answer["snapshot_version"],
+        answer["timestamp_version"]
+    ));
+    Ok(())
 }
 
 fn write_key(path: &Path, key: &SigningKey) -> anyhow::Result<()> {

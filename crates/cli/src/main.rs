@@ -102,7 +102,7 @@ fn main() -> ExitCode {
             Command::Edge(cmd) => cmd_edge::run(cmd).await,
             Command::Model(cmd) => cmd_model::run(cmd).await,
             Command::Insights(args) => cmd_insights::run(args).await,
-            Command::Keys(cmd) => cmd_keys::run(cmd),
+            Command::Keys(cmd) => cmd_keys::run(cmd).await,
             Command::Rollout(cmd) => cmd_rollout::run(cmd).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(cmd) => bench::run(cmd).await,

@@ -27,6 +27,13 @@ pub(crate) struct HubConnection {
     operator_token_file: Option<PathBuf>,
 }
 
+impl HubConnection {
+    /// The hub's data directory, when the command runs on the hub's machine.
+    pub(crate) fn data_dir(&self) -> Option<&std::path::Path> {
+        self.hub_data_dir.as_deref()
+    }
+}
+
 /// A client for the operator API.
 pub(crate) struct Operator {
     client: reqwest::Client,

@@ -171,6 +171,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/registry/{kind}", get(crate::registry::get_doc))
         .route(
+            "/v1/registry/root",
+            get(crate::registry::get_root).post(crate::registry::rotate_root),
+        )
+        .route(
             "/v1/rollouts",
             get(crate::rollouts::list).post(crate::rollouts::create),
         )

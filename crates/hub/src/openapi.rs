@@ -37,6 +37,7 @@ use crate::api;
         crate::registry::list_models,
         crate::registry::get_manifest,
         crate::registry::get_doc,
+        crate::registry::rotate_root,
         crate::rollouts::create,
         crate::rollouts::list,
         crate::rollouts::show,

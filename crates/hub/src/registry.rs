@@ -363,7 +363,21 @@ pub async fn get_doc(
     UrlPath(kind): UrlPath<String>,
     Query(q): Query<DocQuery>,
 ) -> Result<Response, ApiError> {
-    let kind: &'static str = match kind.as_str() {
+    serve_doc(&state, &kind, q).await
+}
+
+/// The root metadata (same as `/v1/registry/{kind}` with `root`; the path
+/// also takes the operator's `POST` of a rotated root).
+pub async fn get_root(
+    State(state): State<AppState>,
+    _reader: Reader,
+    Query(q): Query<DocQuery>,
+) -> Result<Response, ApiError> {
+    serve_doc(&state, "root", q).await
+}
+
+async fn serve_doc(state: &AppState, kind: &str, q: DocQuery) -> Result<Response, ApiError> {
+    let kind: &'static str = match kind {
         "root" => "root",
         "timestamp" => "timestamp",
         "snapshot" => "snapshot",
@@ -378,7 +392,7 @@ pub async fn get_doc(
         }
     };
     if kind == "timestamp" && q.version.is_none() {
-        refresh_timestamp(&state).await?;
+        refresh_timestamp(state).await?;
     }
     let doc = state
         .store()
@@ -389,6 +403,180 @@ pub async fn get_doc(
             ApiError::not_found("no-such-document", format!("no {kind} metadata yet"))
         })?;
     Ok(json_bytes(doc.1))
+}
+
+/// A new root metadata version to install.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// The new root, signed by a threshold of the current root's root keys
+    /// and of its own (the JSON text `strata keys rotate` wrote).
+    pub root: String,
+}
+
+/// What a root rotation made current.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Rotated {
+    /// The root version now trusted.
+    pub root_version: u64,
+    /// The snapshot the hub re-signed with the (possibly new) online key.
+    pub snapshot_version: Option<u64>,
+    /// The timestamp the hub re-signed.
+    pub timestamp_version: Option<u64>,
+}
+
+/// Installs the next root: checked against the current one as a device
+/// checks it, stored for devices to walk, and followed at once by a fresh
+/// snapshot and timestamp signed with the new root's online keys, which
+/// `strata keys rotate` left beside the hub's keys as `*.key.next`.
+#[utoipa::path(post, path = "/v1/registry/root", tag = "registry",
+    security(("operator" = [])),
+    request_body = RotateRequest,
+    responses(
+        (status = 201, description = "Installed", body = Rotated),
+        (status = 401, description = "No or wrong operator credential", body = protocol::Problem),
+        (status = 409, description = "Registry not initialised, or the new online keys are missing", body = protocol::Problem),
+        (status = 422, description = "The new root does not verify against the current one", body = protocol::Problem),
+    ))]
+pub async fn rotate_root(
+    State(state): State<AppState>,
+    operator: OperatorAuth,
+    Json(req): Json<RotateRequest>,
+) -> Result<(StatusCode, Json<Rotated>), ApiError> {
+    let dir = registry_dir(&state);
+    let keys = load_keys(&dir)?;
+    let now = OffsetDateTime::now_utc();
+    let mut trusted = TrustedState::bootstrap(&keys.root, now).map_err(refused)?;
+    let old_version = trusted.root().version;
+    let new_root = req.root.into_bytes();
+    trusted.update_root(&new_root).map_err(refused)?;
+    let root = trusted.root().clone();
+    // The online keys the new root names: the current ones, or the next
+    // ones `strata keys rotate` left here.
+    let pick = |role: registry::Role, current: registry::SigningKey, name: &str| {
+        let wanted = &root.role(role).key_ids;
+        if wanted.contains(&current.key_id()) {
+            return Ok((current, None));
+        }
+        let next = dir.join(format!("{name}.key.next"));
+        let key = std::fs::read_to_string(&next)
+            .ok()
+            .and_then(|text| registry::SigningKey::from_key_file(&text).ok())
+            .filter(|k| wanted.contains(&k.key_id()))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "online-key-missing",
+                    format!(
+                        "the new root names another {name} key, and {} does not hold it: run `strata keys rotate --hub-data-dir`",
+                        next.display()
+                    ),
+                )
+            })?;
+        Ok::<_, ApiError>((key, Some(next)))
+    };
+    let (snapshot_key, snapshot_next) = pick(registry::Role::Snapshot, keys.snapshot, "snapshot")?;
+    let (timestamp_key, timestamp_next) =
+        pick(registry::Role::Timestamp, keys.timestamp, "timestamp")?;
+    let store = state.store();
+    // Devices walk every root version: keep the old one served too.
+    store
+        .put_registry_doc("root", old_version, keys.root.clone())
+        .await
+        .map_err(ApiError::internal)?;
+    // Fresh snapshot and timestamp under the new online keys, over the
+    // current targets, so devices that moved to the new root can follow.
+    let mut documents = Vec::new();
+    let (mut snapshot_version, mut timestamp_version) = (None, None);
+    if let (Some((tg_version, targets)), Some((snap, _)), Some((ts, _))) = (
+        store
+            .registry_doc("targets", None)
+            .await
+            .map_err(ApiError::internal)?,
+        store
+            .registry_doc("snapshot", None)
+            .await
+            .map_err(ApiError::internal)?,
+        store
+            .registry_doc("timestamp", None)
+            .await
+            .map_err(ApiError::internal)?,
+    ) {
+        let snapshot = registry::sign(
+            &Snapshot::new(snap + 1, now + SNAPSHOT_LIFETIME, &targets).map_err(refused)?,
+            &[&snapshot_key],
+        )
+        .map_err(refused)?;
+        let timestamp = registry::sign(
+            &Timestamp::new(ts + 1, now + TIMESTAMP_LIFETIME, &snapshot).map_err(refused)?,
+            &[&timestamp_key],
+        )
+        .map_err(refused)?;
+        // Check the chain as a device that walked to the new root will.
+        let mut device = trusted.clone();
+        device.update_timestamp(&timestamp, now).map_err(refused)?;
+        device.update_snapshot(&snapshot, now).map_err(refused)?;
+        device.update_targets(&targets, now).map_err(refused)?;
+        tracing::debug!(targets = tg_version, "re-signed over the current targets");
+        documents.push(("snapshot", snap + 1, snapshot));
+        documents.push(("timestamp", ts + 1, timestamp));
+        snapshot_version = Some(snap + 1);
+        timestamp_version = Some(ts + 1);
+    }
+    // The keys move into place before the documents they signed are
+    // served; the root file last, as the commit point on disk.
+    let write = |path: &Path, bytes: &[u8], mode| {
+        durable::write_atomic(path, bytes, mode).map_err(ApiError::internal)
+    };
+    if snapshot_next.is_some() {
+        write(
+            &dir.join("snapshot.key"),
+            snapshot_key.to_key_file().as_bytes(),
+            durable::PRIVATE,
+        )?;
+    }
+    if timestamp_next.is_some() {
+        write(
+            &dir.join("timestamp.key"),
+            timestamp_key.to_key_file().as_bytes(),
+            durable::PRIVATE,
+        )?;
+    }
+    store
+        .put_registry_doc("root", root.version, new_root.clone())
+        .await
+        .map_err(ApiError::internal)?;
+    for (kind, version, body) in documents {
+        store
+            .put_registry_doc(kind, version, body)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    write(&dir.join("root.json"), &new_root, durable::PUBLIC)?;
+    for next in [snapshot_next, timestamp_next].into_iter().flatten() {
+        let _ = std::fs::remove_file(next);
+    }
+    if let Err(e) = state
+        .store()
+        .audit(
+            operator.id.clone(),
+            "registry.rotate_root",
+            Some(format!("root v{}", root.version)),
+            None,
+        )
+        .await
+    {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
+    tracing::info!(root = root.version, "registry root rotated");
+    Ok((
+        StatusCode::CREATED,
+        Json(Rotated {
+            root_version: root.version,
+            snapshot_version,
+            timestamp_version,
+        }),
+    ))
 }
 
 /// Signs a new timestamp when the current one is past half its lifetime:

@@ -849,3 +849,69 @@ async fn rollout_requests_that_cannot_be_honoured_get_problem_bodies() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("name@version"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_online_keys_rotate_and_devices_follow_the_new_root() {
+    let s = Setup::new().await;
+    let agent = s.agent("agent", "").await;
+    s.publish(&s.heads.b, 1, &[]);
+    let id = s.rollout(1, "100%");
+    s.finished(&id, RolloutState::Completed).await;
+
+    // New snapshot and timestamp keys, under root v2 signed by the root keys.
+    let keys = s.keys.display().to_string();
+    let rotated = ok(&s.strata(&["keys", "rotate", "--keys", &keys]));
+    assert!(rotated.contains("root v2 installed"), "{rotated}");
+    assert!(s.keys.join("root-v1.json").exists());
+    let next_keys: Vec<_> = std::fs::read_dir(s.hub.dir.join("registry"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".next"))
+        .collect();
+    assert!(
+        next_keys.is_empty(),
+        "the hub took its new keys: {next_keys:?}"
+    );
+
+    // The next release goes out under the new keys; the device, provisioned
+    // with root v1, walks to v2 and accepts metadata only v2 vouches for.
+    s.publish(&s.heads.a, 2, &[]);
+    let id = s.rollout(2, "100%");
+    s.finished(&id, RolloutState::Completed).await;
+    assert_eq!(serving(&agent).await, Some(2));
+    let trusted: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(agent.dir.join("registry").join("trusted.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(trusted["root"]["body"]["version"], 2, "{trusted}");
+
+    // A root that skips a version, or is signed by too few root keys, is
+    // refused by the hub as a device would refuse it.
+    let root = registry::read_unverified::<registry::Root>(
+        &std::fs::read(s.keys.join("root.json")).unwrap(),
+    )
+    .unwrap();
+    let key = registry::SigningKey::from_key_file(
+        &std::fs::read_to_string(s.keys.join("root-1.key")).unwrap(),
+    )
+    .unwrap();
+    let weak = registry::sign(
+        &registry::Root {
+            version: root.version + 1,
+            ..root
+        },
+        &[&key],
+    )
+    .unwrap();
+    let (status, p) = crate::support::problem(
+        s.hub
+            .operator_post(
+                "/v1/registry/root",
+                serde_json::json!({"root": String::from_utf8(weak).unwrap()}),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 422, "{p:?}");
+    assert!(p.detail.contains("threshold"), "{p:?}");
+}
