@@ -177,6 +177,27 @@ fn refused(e: registry::Error) -> ApiError {
     )
 }
 
+/// Signs the online metadata over `targets`: a snapshot pinning it and a
+/// timestamp pinning the snapshot, each with its key and version.
+fn sign_online(
+    (snapshot_key, snapshot_version): (&registry::SigningKey, u64),
+    (timestamp_key, timestamp_version): (&registry::SigningKey, u64),
+    targets: &[u8],
+    now: OffsetDateTime,
+) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
+    let snapshot = registry::sign(
+        &Snapshot::new(snapshot_version, now + SNAPSHOT_LIFETIME, targets).map_err(refused)?,
+        &[snapshot_key],
+    )
+    .map_err(refused)?;
+    let timestamp = registry::sign(
+        &Timestamp::new(timestamp_version, now + TIMESTAMP_LIFETIME, &snapshot).map_err(refused)?,
+        &[timestamp_key],
+    )
+    .map_err(refused)?;
+    Ok((snapshot, timestamp))
+}
+
 /// Publishes a model release: checks the signed manifest and targets the way
 /// a device will, signs a new snapshot and timestamp, stores it all.
 #[utoipa::path(post, path = "/v1/models", tag = "registry",
@@ -222,16 +243,12 @@ pub async fn publish(
     }
 
     let targets = req.targets.into_bytes();
-    let snapshot = registry::sign(
-        &Snapshot::new(snap_version + 1, now + SNAPSHOT_LIFETIME, &targets).map_err(refused)?,
-        &[&keys.snapshot],
-    )
-    .map_err(refused)?;
-    let timestamp = registry::sign(
-        &Timestamp::new(ts_version + 1, now + TIMESTAMP_LIFETIME, &snapshot).map_err(refused)?,
-        &[&keys.timestamp],
-    )
-    .map_err(refused)?;
+    let (snapshot, timestamp) = sign_online(
+        (&keys.snapshot, snap_version + 1),
+        (&keys.timestamp, ts_version + 1),
+        &targets,
+        now,
+    )?;
     trusted.update_timestamp(&timestamp, now).map_err(refused)?;
     trusted.update_snapshot(&snapshot, now).map_err(refused)?;
     trusted.update_targets(&targets, now).map_err(refused)?;
@@ -502,16 +519,12 @@ pub async fn rotate_root(
             .await
             .map_err(ApiError::internal)?,
     ) {
-        let snapshot = registry::sign(
-            &Snapshot::new(snap + 1, now + SNAPSHOT_LIFETIME, &targets).map_err(refused)?,
-            &[&snapshot_key],
-        )
-        .map_err(refused)?;
-        let timestamp = registry::sign(
-            &Timestamp::new(ts + 1, now + TIMESTAMP_LIFETIME, &snapshot).map_err(refused)?,
-            &[&timestamp_key],
-        )
-        .map_err(refused)?;
+        let (snapshot, timestamp) = sign_online(
+            (&snapshot_key, snap + 1),
+            (&timestamp_key, ts + 1),
+            &targets,
+            now,
+        )?;
         // Check the chain as a device that walked to the new root will.
         let mut device = trusted.clone();
         device.update_timestamp(&timestamp, now).map_err(refused)?;

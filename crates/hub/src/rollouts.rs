@@ -291,31 +291,22 @@ pub async fn act(
         )
     };
     let changed = match action.as_str() {
-        "pause" => {
-            if record.state != RolloutState::Active {
-                return Err(conflict("pause"));
+        "pause" | "resume" => {
+            let (from, to) = if action == "pause" {
+                (RolloutState::Active, RolloutState::Paused)
+            } else {
+                (RolloutState::Paused, RolloutState::Active)
+            };
+            if record.state != from {
+                return Err(conflict(&action));
             }
             state
                 .store()
                 .set_rollout_state(
                     id.clone(),
-                    RolloutState::Paused,
+                    to,
                     record.stage,
-                    format!("paused by {}", operator.id),
-                )
-                .await
-        }
-        "resume" => {
-            if record.state != RolloutState::Paused {
-                return Err(conflict("resume"));
-            }
-            state
-                .store()
-                .set_rollout_state(
-                    id.clone(),
-                    RolloutState::Active,
-                    record.stage,
-                    format!("resumed by {}", operator.id),
+                    format!("{action}d by {}", operator.id),
                 )
                 .await
         }

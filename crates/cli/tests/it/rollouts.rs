@@ -674,13 +674,19 @@ async fn an_offline_device_catches_up_and_the_rollout_survives_a_hub_restart() {
     )
     .await;
     assert_eq!(serving(&online).await, Some(1));
-    let d = s.detail(&id).await;
+    let d = wait_for(
+        "the controller to hold",
+        Duration::from_secs(30),
+        || async {
+            let d = s.detail(&id).await;
+            d.rollout
+                .decision
+                .contains("1 of 2 devices committed")
+                .then_some(d)
+        },
+    )
+    .await;
     assert_eq!(d.rollout.state, RolloutState::Active, "{d:#?}");
-    assert!(
-        d.rollout.decision.contains("1 of 2 devices committed"),
-        "{}",
-        d.rollout.decision
-    );
 
     // The hub restarts mid-rollout, then the device comes back: it gets
     // the install it missed, and the restarted controller completes.
