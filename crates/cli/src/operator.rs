@@ -34,6 +34,35 @@ impl HubConnection {
     }
 }
 
+/// Runs this `strata` binary with `args` (for example `strata model
+/// publish` from the demo and the benchmarks) and returns its stdout; a
+/// failure carries the command and its error line. With `hub`, the command
+/// reaches that hub: its data directory and operator credential file.
+pub(crate) async fn run_strata(
+    args: &[&str],
+    hub: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("locating the strata binary")?;
+    let mut command = tokio::process::Command::new(exe);
+    command.args(args).env("STRATA_LOG", "warn");
+    if let Some((data_dir, token_file)) = hub {
+        command
+            .arg("--hub-data-dir")
+            .arg(data_dir)
+            .arg("--operator-token-file")
+            .arg(token_file);
+    }
+    let output = command.output().await?;
+    if !output.status.success() {
+        bail!(
+            "strata {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// A client for the operator API.
 pub(crate) struct Operator {
     client: reqwest::Client,

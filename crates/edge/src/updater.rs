@@ -94,22 +94,9 @@ impl VerifiedFile {
     }
 }
 
-/// Checks an artifact on disk against a manifest, reading it in chunks.
+/// Checks an artifact on disk against a manifest.
 fn check_file(manifest: Verified<Manifest>, path: &Path) -> Result<VerifiedFile, String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut checker = manifest.artifact_checker();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        checker.update(&buf[..n]).map_err(|e| e.to_string())?;
-    }
-    let artifact = checker.finish().map_err(|e| e.to_string())?;
+    let artifact = fetch::verify_file(manifest, path).map_err(|e| e.to_string())?;
     Ok(VerifiedFile {
         path: path.to_owned(),
         artifact,

@@ -8,31 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use protocol::rollout::{RolloutDetail, RolloutState, RolloutView};
-use tokio::process::Command;
 
 use super::{DemoDevice, Fleet, agent_status};
+use crate::operator::run_strata;
 use crate::output::out;
 
-/// Runs the `strata` binary itself for an operator command.
+/// Runs the `strata` binary itself for an operator command on the demo's hub.
 async fn strata(fleet: &Fleet, args: &[&str]) -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("locating the strata binary")?;
-    let output = Command::new(exe)
-        .args(args)
-        .arg("--hub-data-dir")
-        .arg(fleet.hub_dir())
-        .arg("--operator-token-file")
-        .arg(fleet.dir.join("operator.token"))
-        .env("STRATA_LOG", "warn")
-        .output()
-        .await?;
-    if !output.status.success() {
-        bail!(
-            "strata {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    let token = fleet.dir.join("operator.token");
+    run_strata(args, Some((&fleet.hub_dir(), &token))).await
 }
 
 /// The releases: a retrained head with its health probes (cached beside
@@ -141,25 +125,18 @@ pub(crate) async fn run(fleet: &Fleet, head: &Path) -> anyhow::Result<()> {
     let keys = fleet.dir.join("registry-keys");
     let keys_arg = keys.display().to_string();
     let hub_dir = fleet.hub_dir().display().to_string();
-    let exe = std::env::current_exe()?;
-    let ceremony = Command::new(exe)
-        .args([
+    run_strata(
+        &[
             "keys",
             "init",
             "--out",
             &keys_arg,
             "--hub-data-dir",
             &hub_dir,
-        ])
-        .env("STRATA_LOG", "warn")
-        .output()
-        .await?;
-    if !ceremony.status.success() {
-        bail!(
-            "strata keys init failed: {}",
-            String::from_utf8_lossy(&ceremony.stderr).trim()
-        );
-    }
+        ],
+        None,
+    )
+    .await?;
     out(
         "  key ceremony: 2-of-3 offline root keys, an offline targets key; the hub holds only the online snapshot and timestamp keys",
     );

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use registry::TrustedState;
 
-use crate::support::{Hub, STRATA, device_client, join};
+use crate::support::{Hub, STRATA, device_client, join, ok};
 
 fn strata(args: &[&str], hub: &Hub, token_file: &Path) -> Output {
     Command::new(STRATA)
@@ -20,16 +20,6 @@ fn strata(args: &[&str], hub: &Hub, token_file: &Path) -> Output {
         .env("STRATA_LOG", "warn")
         .output()
         .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn failed(out: &Output) -> String {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use protocol::AgentStatus;
 use protocol::rollout::{RolloutDetail, RolloutState, UpdatePhase};
 
-use crate::support::{Agent, Hub, STRATA, assets, wait_for};
+use crate::support::{Agent, Hub, STRATA, assets, ok, wait_for};
 
 /// The classifier releases, trained once per target directory.
 struct Heads {
@@ -110,16 +110,6 @@ struct Setup {
     keys: PathBuf,
     token_file: PathBuf,
     heads: Heads,
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Setup {

@@ -10,6 +10,17 @@ use protocol::{AgentStatus, Device, DeviceList, JoinToken};
 
 pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
 
+/// The stdout of a command that must have succeeded (else its output).
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Polls `probe` until it returns `Some`, failing the test after `within`.
 pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
 where

@@ -2,7 +2,7 @@
 //! and artifacts downloaded with `Range` resume. Nothing here is trusted
 //! until [`registry::TrustedState`] says so.
 
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,25 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Checks a file on disk against a verified manifest (size and SHA-256),
+/// reading it in chunks. Blocking.
+pub fn verify_file(
+    manifest: Verified<Manifest>,
+    path: &Path,
+) -> Result<VerifiedArtifact, FetchError> {
+    let mut file = std::fs::File::open(path).map_err(io(path))?;
+    let mut checker = manifest.artifact_checker();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        checker.update(&buf[..n])?;
+    }
+    Ok(checker.finish()?)
 }
 
 /// Progress of a download: bytes on disk, of the total.
@@ -267,23 +286,8 @@ impl RegistryClient {
         }
         // Check what is on disk, not what went past: a resumed download is
         // hashed whole.
-        let partial_owned = partial.to_owned();
-        let checked =
-            tokio::task::spawn_blocking(move || -> Result<VerifiedArtifact, FetchError> {
-                let path = partial_owned.as_path();
-                let mut file = std::fs::File::open(path).map_err(io(path))?;
-                file.rewind().map_err(io(path))?;
-                let mut checker = manifest.artifact_checker();
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = file.read(&mut buf).map_err(io(path))?;
-                    if n == 0 {
-                        break;
-                    }
-                    checker.update(&buf[..n])?;
-                }
-                Ok(checker.finish()?)
-            })
+        let path = partial.to_owned();
+        let checked = tokio::task::spawn_blocking(move || verify_file(manifest, &path))
             .await
             .map_err(|e| FetchError::Network(format!("checking the artifact: {e}")))?;
         if checked.is_err() {
