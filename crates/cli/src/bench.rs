@@ -27,6 +27,8 @@ mod insights;
 mod llm;
 mod report;
 mod rollout;
+mod route;
+mod route_eval;
 pub(crate) mod setup;
 
 use std::path::PathBuf;
@@ -70,6 +72,14 @@ pub(crate) enum BenchCommand {
     /// create to 100% committed and the hub's CPU and memory over it.
     /// Needs nothing installed.
     Rollout(rollout::RolloutArgs),
+    /// The router against always-local, always-macro and random routing on
+    /// a labelled evaluation set built from real text (Home Assistant
+    /// commands, fleet questions, presidio-evaluator prompts with and
+    /// without personal data): privacy violations, share answered locally,
+    /// answer quality against the macro answer, cost, and p50/p95 latency,
+    /// with a real hub running Qwen2.5-Coder-0.5B and a real device.
+    /// Needs the models (`scripts/fetch-assets`).
+    Route(route::RouteArgs),
     /// Internal: Strata's side of the LLM benchmark, run as a child process
     /// as llama-bench is.
     #[command(hide = true)]
@@ -168,6 +178,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Anomaly(args) => anomaly::run(args).await,
         BenchCommand::Insights(args) => insights::run(args).await,
         BenchCommand::Rollout(args) => rollout::run(args).await,
+        BenchCommand::Route(args) => route::run(args).await,
         BenchCommand::LlmWorker(args) => llm::worker(args).await,
         BenchCommand::EmbedWorker(args) => embed::worker(args).await,
     }

@@ -81,7 +81,14 @@ pub(crate) async fn run(cmd: EdgeCommand) -> anyhow::Result<()> {
                     .unwrap_or_default(),
                 None => std::env::current_dir().context("reading the current directory")?,
             };
-            let config = raw.validate_in(&base)?;
+            let policy_file = raw.router.policy_file.clone().map(|p| base.join(p));
+            let mut config = raw.validate_in(&base)?;
+            if let Some(path) = policy_file {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading the routing policy {}", path.display()))?;
+                config.router.policy = router::Policy::from_toml(&text)
+                    .with_context(|| format!("routing policy {}", path.display()))?;
+            }
             let dir = config.data_dir.clone();
             let agent = edge::agent::run(config)
                 .await

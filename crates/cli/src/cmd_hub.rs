@@ -117,7 +117,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.advertise_url.is_some() {
         raw.advertise_url = args.advertise_url;
     }
-    let config = raw.validate()?;
+    // Model paths in the file are relative to the file.
+    let base = match &args.config {
+        Some(path) => path
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default(),
+        None => std::env::current_dir().context("reading the current directory")?,
+    };
+    let mut config = raw.validate_in(&base)?;
+    if let Some(up) = &mut config.macro_tier.upstream
+        && let Some(var) = &up.api_key_env
+    {
+        up.api_key = Some(std::env::var(var).with_context(|| {
+            format!("macro.upstream_api_key_env names {var}, which is not set")
+        })?);
+    }
     let data_dir = config.data_dir.clone();
     let hub = hub::start(config)
         .await

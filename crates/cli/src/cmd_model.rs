@@ -64,6 +64,11 @@ pub(crate) struct TrainIntentsArgs {
     /// held-out sentences with their intents as probes, 80 % to pass.
     #[arg(long)]
     health_out: Option<PathBuf>,
+    /// Also learn Strata's fleet-question intent (`StrataFleetQuery`), which
+    /// tells the edge router that a question needs data from the whole
+    /// fleet and so belongs on the hub.
+    #[arg(long)]
+    fleet_questions: bool,
 }
 
 impl TrainIntentsArgs {
@@ -78,6 +83,7 @@ impl TrainIntentsArgs {
             epochs: 40,
             seed: 42,
             health_out: None,
+            fleet_questions: true,
         }
     }
 
@@ -117,13 +123,21 @@ pub(crate) fn train_intents(args: &TrainIntentsArgs) -> anyhow::Result<f64> {
     let spinner = ProgressBar::new_spinner();
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     spinner.set_message(format!("expanding intents from {}", intents.display()));
-    let dataset = runtime::intents::load(&intents, &runtime::intents::ExpansionOptions::default())
-        .with_context(|| {
-            format!(
-                "reading intents from {} (run scripts/fetch-assets)",
-                intents.display()
-            )
-        })?;
+    let mut dataset =
+        runtime::intents::load(&intents, &runtime::intents::ExpansionOptions::default())
+            .with_context(|| {
+                format!(
+                    "reading intents from {} (run scripts/fetch-assets)",
+                    intents.display()
+                )
+            })?;
+    if args.fleet_questions {
+        dataset = dataset.merge(runtime::intents::expand(
+            runtime::intents::FLEET_INTENTS_JSON,
+            std::path::Path::new("fleet-intents.json"),
+            &runtime::intents::ExpansionOptions::default(),
+        )?);
+    }
     spinner.set_message(format!(
         "loading the embedding model from {}",
         model_dir.display()

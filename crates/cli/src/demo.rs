@@ -23,6 +23,7 @@ use netfault::FaultProxy;
 use crate::output::out;
 
 mod rollout_act;
+mod route_act;
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
@@ -88,9 +89,10 @@ pub(crate) struct DemoDevice {
 pub(crate) struct Fleet {
     dir: PathBuf,
     hub: Option<Proc>,
-    hub_url: String,
-    operator_token: String,
-    client: reqwest::Client,
+    pub(crate) hub_url: String,
+    pub(crate) operator_token: String,
+    /// A client that trusts the hub's CA.
+    pub(crate) client: reqwest::Client,
     pub devices: Vec<DemoDevice>,
     /// Each site's uplink to the hub: a proxy the demo can cut.
     uplinks: std::collections::BTreeMap<String, FaultProxy>,
@@ -106,7 +108,7 @@ impl Fleet {
     }
 
     /// Starts the hub process and waits until it answers.
-    async fn start_hub(dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) async fn start_hub(dir: &Path, macro_tier: &str) -> anyhow::Result<Self> {
         let hub_dir = dir.join("hub");
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -114,7 +116,7 @@ impl Fleet {
         std::fs::write(
             &config,
             format!(
-                "# Written by strata demo.\ndata_dir = {:?}\nlisten = \"127.0.0.1:0\"\nheartbeat_interval_secs = 2\n",
+                "# Written by strata demo.\ndata_dir = {:?}\nlisten = \"127.0.0.1:0\"\nheartbeat_interval_secs = 2\n{macro_tier}",
                 hub_dir.display().to_string()
             ),
         )
@@ -200,7 +202,12 @@ impl Fleet {
     /// Enrols `count` devices across `sites` sites and starts their agents.
     /// Each site reaches the hub through its own uplink (a proxy the demo
     /// can cut); `models` is the `[[models]]` part of the edge configuration.
-    async fn enrol(&mut self, count: u16, sites: u16, models: &str) -> anyhow::Result<()> {
+    pub(crate) async fn enrol(
+        &mut self,
+        count: u16,
+        sites: u16,
+        models: &str,
+    ) -> anyhow::Result<()> {
         let hub_addr: std::net::SocketAddr = self
             .hub_url
             .trim_start_matches("https://")
@@ -279,7 +286,7 @@ impl Fleet {
     }
 
     /// Waits until every device holds its stream open.
-    async fn wait_online(&self, within: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_online(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
             let list = self.devices_on_hub().await?;
@@ -294,7 +301,11 @@ impl Fleet {
     }
 
     /// The local API URL of a device, once its agent has started.
-    async fn local_api(&self, device: &DemoDevice, within: Duration) -> anyhow::Result<String> {
+    pub(crate) async fn local_api(
+        &self,
+        device: &DemoDevice,
+        within: Duration,
+    ) -> anyhow::Result<String> {
         let file = device.data_dir.join("local-api.addr");
         let deadline = Instant::now() + within;
         loop {
@@ -311,7 +322,7 @@ impl Fleet {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         for device in &mut self.devices {
             if let Some(p) = device.proc.take() {
                 p.stop().await;
@@ -366,7 +377,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     out(&format!("Strata demo in {}", dir.display()));
-    let mut fleet = Fleet::start_hub(&dir).await?;
+    let macro_tier = if args.no_models {
+        String::new()
+    } else {
+        macro_config()?
+    };
+    let mut fleet = Fleet::start_hub(&dir, &macro_tier).await?;
     let outcome = acts(&mut fleet, &args).await;
     fleet.stop().await;
     if remove_at_exit {
@@ -419,6 +435,8 @@ async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
     if !args.no_models {
         ask_devices(fleet).await?;
         out("");
+        route_act::run(fleet).await?;
+        out("");
     }
     if args.sites >= 2 {
         site_offline(fleet, !args.no_models).await?;
@@ -431,9 +449,43 @@ async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
     watch(fleet, args.duration.map(Into::into)).await
 }
 
+/// The hub's `[macro]` section: Qwen2.5-Coder-0.5B-Instruct for chat and
+/// MiniLM for embeddings, run by the hub itself.
+pub(crate) fn macro_config() -> anyhow::Result<String> {
+    let assets = crate::cmd_model::assets_dir();
+    let qwen = assets.join("qwen2.5-coder-0.5b-instruct/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
+    let minilm = assets.join("all-minilm-l6-v2");
+    if !qwen.exists() {
+        bail!(
+            "the macro model is not in {}: run scripts/fetch-assets (or pass --no-models)",
+            assets.display()
+        );
+    }
+    Ok(format!(
+        r#"
+[macro]
+chat_model = "qwen2.5-coder-0.5b"
+
+[[macro.models]]
+id = "qwen2.5-coder-0.5b"
+kind = "llm"
+path = {qwen:?}
+threads = 2
+context_length = 2048
+
+[[macro.models]]
+id = "minilm"
+kind = "embedding"
+path = {minilm:?}
+"#,
+        qwen = qwen.display().to_string(),
+        minilm = minilm.display().to_string(),
+    ))
+}
+
 /// Trains the intent head (once, cached beside the assets) and returns the
 /// `[[models]]` part of the edge configuration every demo device serves.
-async fn prepare_models() -> anyhow::Result<(String, PathBuf)> {
+pub(crate) async fn prepare_models() -> anyhow::Result<(String, PathBuf)> {
     let assets = crate::cmd_model::assets_dir();
     let gguf = assets.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
     let minilm = assets.join("all-minilm-l6-v2");
@@ -447,7 +499,7 @@ async fn prepare_models() -> anyhow::Result<(String, PathBuf)> {
         .parent()
         .unwrap_or(&assets)
         .join("derived")
-        .join("intents-head.safetensors");
+        .join("intents-fleet-head.safetensors");
     if !head.exists() {
         out("Training the intent classifier head (once)…");
         let args = crate::cmd_model::TrainIntentsArgs::for_demo(head.clone());

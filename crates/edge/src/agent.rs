@@ -9,13 +9,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::inference::{Admission, Inference};
 use crate::insights::Insights;
 use crate::link::Link;
 use crate::local_api::{LocalState, router};
 use crate::metrics::{AgentMetrics, Status};
 use crate::state::{DataDir, State};
 use crate::{Error, io_err};
+use serving::{Admission, Inference};
 
 /// A running agent.
 #[derive(Debug)]
@@ -94,7 +94,9 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
                 config.queue_timeout,
             ),
         )
-        .with_insights(Arc::clone(&insights)),
+        .with_observer(Arc::new(crate::insights::InsightObserver(Arc::clone(
+            &insights,
+        )))),
     );
 
     let listener = TcpListener::bind(config.local_api_listen)
@@ -107,6 +109,15 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         durable::PUBLIC,
     )
     .map_err(io_err(&dir.local_api_addr()))?;
+    let routing = crate::route::Routing::new(crate::route::RoutingParts {
+        inference: Arc::clone(&inference),
+        config: config.router.clone(),
+        catalogue: config.catalogue.clone(),
+        client: client.clone(),
+        hub_url: enrolment.hub_url.clone(),
+        status: Arc::clone(&status),
+        audit_path: dir.root().join("audit.log"),
+    })?;
     let app = router(
         LocalState {
             status: Arc::clone(&status),
@@ -115,7 +126,9 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         },
         metrics.http.clone(),
         Arc::clone(&inference),
+        &routing,
     );
+    let refresh = tokio::spawn(Arc::clone(&routing).refresh_loop());
     let serve = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "local API stopped");
@@ -161,7 +174,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         local_addr,
         status,
         tasks: vec![
-            serve, heartbeats, stream, delivery, windows, updates, reports,
+            serve, heartbeats, stream, delivery, windows, updates, reports, refresh,
         ],
     })
 }

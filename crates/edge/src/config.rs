@@ -32,11 +32,78 @@ pub struct RawConfig {
     /// Model updates from the registry.
     #[serde(default)]
     pub updates: RawUpdates,
+    /// The router: which requests run here, go to the hub's macro model,
+    /// or are refused.
+    #[serde(default)]
+    pub router: RawRouter,
     /// The models this device serves (`[[models]]` tables; see the runtime
     /// catalogue for the fields of each kind). Relative paths are resolved
     /// against the directory of the configuration file.
     #[serde(default)]
     pub models: Vec<runtime::RawModelEntry>,
+}
+
+/// `[router]`: how the agent routes chat, completion and embedding
+/// requests between its own models and the hub's macro tier.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouter {
+    /// A routing policy file (TOML, see the operator guide). Relative to
+    /// the configuration file. Default: the built-in policy
+    /// (`prefer_local`, personal data stays on the device, cascade on).
+    pub policy_file: Option<PathBuf>,
+    /// The local chat model answering routed requests. Default: the first
+    /// `llm` in `[[models]]`.
+    pub chat_model: Option<String>,
+    /// The local embedding model answering routed embedding requests.
+    /// Default: the first `embedding` model.
+    pub embedding_model: Option<String>,
+    /// The intent classifier whose labels tell the router that a question
+    /// needs fleet-wide data. Default: the first `classifier`.
+    pub intent_model: Option<String>,
+    /// Longest wait for the macro tier's answer (whole answers) or its
+    /// first byte (streams), in milliseconds. Default: 60000.
+    pub macro_timeout_ms: Option<u64>,
+    /// Longest silence inside a streamed macro answer before the stream is
+    /// ended with an error, in milliseconds. Default: 15000.
+    pub stream_idle_timeout_ms: Option<u64>,
+    /// Completion tokens assumed for latency and cost estimates when a
+    /// request sets no `max_tokens`. Default: 256.
+    pub default_max_tokens: Option<u32>,
+}
+
+/// The validated `[router]` section.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The routing policy (read from [`RawRouter::policy_file`] by the
+    /// binary, or the built-in one).
+    pub policy: router::Policy,
+    /// See [`RawRouter::chat_model`].
+    pub chat_model: Option<String>,
+    /// See [`RawRouter::embedding_model`].
+    pub embedding_model: Option<String>,
+    /// See [`RawRouter::intent_model`].
+    pub intent_model: Option<String>,
+    /// See [`RawRouter::macro_timeout_ms`].
+    pub macro_timeout: Duration,
+    /// See [`RawRouter::stream_idle_timeout_ms`].
+    pub stream_idle_timeout: Duration,
+    /// See [`RawRouter::default_max_tokens`].
+    pub default_max_tokens: u32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            policy: router::Policy::default(),
+            chat_model: None,
+            embedding_model: None,
+            intent_model: None,
+            macro_timeout: Duration::from_secs(60),
+            stream_idle_timeout: Duration::from_secs(15),
+            default_max_tokens: 256,
+        }
+    }
 }
 
 /// `[inference]`: admission limits of the inference API.
@@ -157,6 +224,8 @@ pub struct Config {
     pub anomaly_threshold: f64,
     /// See [`RawUpdates`].
     pub updates: crate::updater::UpdateConfig,
+    /// See [`RawRouter`].
+    pub router: RouterConfig,
 }
 
 impl RawConfig {
@@ -258,6 +327,33 @@ impl RawConfig {
             download_rate: self.updates.download_rate_bytes_per_sec,
             trust_root: self.updates.trust_root.clone(),
         };
+        let macro_timeout = self.router.macro_timeout_ms.unwrap_or(60_000);
+        if !(100..=600_000).contains(&macro_timeout) {
+            return Err(Error::Config(format!(
+                "router.macro_timeout_ms must be between 100 and 600000, got {macro_timeout}"
+            )));
+        }
+        let idle = self.router.stream_idle_timeout_ms.unwrap_or(15_000);
+        if !(100..=600_000).contains(&idle) {
+            return Err(Error::Config(format!(
+                "router.stream_idle_timeout_ms must be between 100 and 600000, got {idle}"
+            )));
+        }
+        let default_max_tokens = self.router.default_max_tokens.unwrap_or(256);
+        if !(1..=65_536).contains(&default_max_tokens) {
+            return Err(Error::Config(format!(
+                "router.default_max_tokens must be between 1 and 65536, got {default_max_tokens}"
+            )));
+        }
+        let router = RouterConfig {
+            policy: router::Policy::default(),
+            chat_model: self.router.chat_model.clone(),
+            embedding_model: self.router.embedding_model.clone(),
+            intent_model: self.router.intent_model.clone(),
+            macro_timeout: Duration::from_millis(macro_timeout),
+            stream_idle_timeout: Duration::from_millis(idle),
+            default_max_tokens,
+        };
         let timeout = self.hub.request_timeout_secs.unwrap_or(10);
         if !(1..=300).contains(&timeout) {
             return Err(Error::Config(format!(
@@ -293,6 +389,7 @@ impl RawConfig {
             insight_batch_max: batch_max,
             anomaly_threshold: threshold,
             updates,
+            router,
         })
     }
 }

@@ -425,6 +425,41 @@ impl Insights {
     }
 }
 
+/// Feeds what the inference API serves into the insights: request health,
+/// raw bytes, classified intents and anomaly alerts.
+#[derive(Debug, Clone)]
+pub struct InsightObserver(pub Arc<Insights>);
+
+impl serving::Observer for InsightObserver {
+    fn request(&self, model: &str, ms: f64, failed: bool) {
+        self.0.observe_request(model, ms, failed);
+    }
+
+    fn raw_bytes(&self, bytes: u64) {
+        self.0.observe_raw(bytes);
+    }
+
+    fn intent(&self, label: &str) {
+        self.0.observe_intent(label);
+    }
+
+    fn anomalies<'a>(
+        &'a self,
+        model: &'a str,
+        readings: &'a [Vec<f64>],
+        scores: &'a [f64],
+    ) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(alert) = self.0.anomaly_alert(model, readings, scores) {
+                // The alert is on disk before the caller hears of the scores.
+                if let Err(e) = self.0.append(vec![alert]).await {
+                    tracing::error!(error = %e, "cannot store an anomaly alert");
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

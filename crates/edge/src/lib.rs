@@ -12,12 +12,12 @@
 
 pub mod agent;
 pub mod config;
-pub mod inference;
 pub mod insights;
 pub mod join;
 pub mod link;
 pub mod local_api;
 pub mod metrics;
+pub mod route;
 pub mod sse;
 pub mod state;
 pub mod updater;

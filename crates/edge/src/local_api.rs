@@ -1,6 +1,6 @@
 //! The agent's local HTTP API, served on loopback for applications on the
-//! device: health, status and metrics here, and the inference routes of
-//! [`crate::inference`].
+//! device: health, status and metrics here, the routed inference routes of
+//! [`crate::route`] and the device-only prediction routes of [`serving`].
 
 use std::sync::Arc;
 
@@ -31,7 +31,8 @@ pub struct LocalState {
 pub fn router(
     state: LocalState,
     http: web::HttpMetrics,
-    inference: Arc<crate::inference::Inference>,
+    inference: Arc<serving::Inference>,
+    routing: &Arc<crate::route::Routing>,
 ) -> Router {
     Router::new()
         .route("/healthz", get(health))
@@ -39,7 +40,8 @@ pub fn router(
         .route("/metrics", get(metrics))
         .route("/v1/insights", post(add_insights))
         .with_state(state)
-        .merge(crate::inference::router(inference))
+        .merge(serving::predict_router(inference))
+        .merge(routing.router())
         .fallback(web::not_found)
         .layer(axum::middleware::from_fn(web::problem_for_405))
         .layer(axum::middleware::from_fn_with_state(http, web::track))

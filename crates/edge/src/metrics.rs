@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use protocol::{AgentStatus, LocalModel};
 use time::OffsetDateTime;
@@ -29,6 +31,34 @@ pub struct AgentMetrics {
     pub messages_received: Counter,
     /// Outbox figures, set at scrape time from the outbox's own counters.
     pub outbox: OutboxGauges,
+    /// The router's figures.
+    pub route: RouteMetrics,
+}
+
+/// Labels of a routing decision counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `local`, `macro` or `none` (refused).
+    pub tier: String,
+    /// The deciding reason's code (the first beyond the mode in force).
+    pub reason: String,
+}
+
+/// What the router did.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    /// Answers by tier and first reason.
+    pub decisions: Family<RouteLabels, Counter>,
+    /// Local answers escalated to the macro tier for low confidence.
+    pub escalations: Counter,
+    /// Macro failures answered locally instead.
+    pub fallbacks: Counter,
+    /// Macro calls that failed (unreachable, timeout, 5xx, broken stream).
+    pub macro_failures: Counter,
+    /// 1 while the macro tier's circuit breaker is open.
+    pub breaker_open: Gauge,
+    /// Router decision time in microseconds, privacy classification included.
+    pub decision_us: Histogram,
 }
 
 /// The outbox's figures as gauges (the outbox keeps the counts, some of them
@@ -83,7 +113,45 @@ impl AgentMetrics {
             hub_connected: Gauge::default(),
             messages_received: Counter::default(),
             outbox: OutboxGauges::default(),
+            route: RouteMetrics {
+                decisions: Family::default(),
+                escalations: Counter::default(),
+                fallbacks: Counter::default(),
+                macro_failures: Counter::default(),
+                breaker_open: Gauge::default(),
+                decision_us: Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0]),
+            },
         };
+        registry.register(
+            "route_decisions",
+            "Routed answers by tier and first reason",
+            m.route.decisions.clone(),
+        );
+        registry.register(
+            "route_escalations",
+            "Local answers escalated to the macro tier for low confidence",
+            m.route.escalations.clone(),
+        );
+        registry.register(
+            "route_fallbacks",
+            "Macro failures answered locally instead",
+            m.route.fallbacks.clone(),
+        );
+        registry.register(
+            "route_macro_failures",
+            "Macro calls that failed",
+            m.route.macro_failures.clone(),
+        );
+        registry.register(
+            "route_breaker_open",
+            "1 while the macro tier's circuit breaker is open",
+            m.route.breaker_open.clone(),
+        );
+        registry.register(
+            "route_decision_us",
+            "Router decision time in microseconds, privacy classification included",
+            m.route.decision_us.clone(),
+        );
         registry.register(
             "heartbeats_ok",
             "Heartbeats the hub acknowledged",
@@ -232,6 +300,16 @@ impl Status {
         if let Some(u) = self.updates().current.as_mut() {
             f(u);
         }
+    }
+
+    /// True while the hub's event stream is open.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// The model versions installed from the registry.
+    pub fn installed(&self) -> Vec<protocol::rollout::InstalledModel> {
+        self.updates().installed.clone()
     }
 
     /// The enrolment facts.

@@ -37,12 +37,12 @@ use runtime::{ModelBackend, ModelSpec};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 
-use crate::inference::Inference;
 use crate::link::Backoff;
 use crate::metrics::Status;
 use crate::state::{PhaseChange, State, UpdateJob};
 use disk::{Active, Disk};
 use fetch::{FetchError, RegistryClient};
+use serving::Inference;
 
 /// `[updates]` settings.
 #[derive(Debug, Clone)]

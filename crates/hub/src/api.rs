@@ -62,6 +62,7 @@ struct Shared {
     metrics: HubMetrics,
     registry: Arc<Registry>,
     rollout_wake: Arc<tokio::sync::Notify>,
+    macro_tier: Option<Arc<crate::macro_tier::MacroTier>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -81,6 +82,7 @@ impl AppState {
         hub_url: String,
         metrics: HubMetrics,
         registry: Arc<Registry>,
+        macro_tier: Option<Arc<crate::macro_tier::MacroTier>>,
     ) -> Self {
         Self {
             inner: Arc::new(Shared {
@@ -92,6 +94,7 @@ impl AppState {
                 metrics,
                 registry,
                 rollout_wake: Arc::default(),
+                macro_tier,
             }),
         }
     }
@@ -119,6 +122,11 @@ impl AppState {
     /// The hub's configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The macro tier, if the hub has one.
+    pub fn macro_tier(&self) -> Option<Arc<crate::macro_tier::MacroTier>> {
+        self.inner.macro_tier.clone()
     }
 
     /// Wakes the rollout controller (a report or an operator action).
@@ -187,6 +195,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/insights/aggregates", get(crate::insights::aggregates))
         .route("/v1/insights/trends", get(crate::insights::trends))
         .route("/v1/insights/forecast", get(crate::insights::forecast))
+        .route("/v1/macro", get(crate::macro_tier::info))
+        .route("/v1/chat/completions", post(crate::macro_tier::chat))
+        .route("/v1/embeddings", post(crate::macro_tier::embeddings))
         .fallback(web::not_found)
         .layer(axum::middleware::from_fn(web::problem_for_405))
         .layer(axum::middleware::from_fn_with_state(metrics, web::track))

@@ -37,6 +37,197 @@ pub struct RawConfig {
     /// rollout (device reports and operator actions trigger one at once).
     /// Default: 1000.
     pub rollout_interval_ms: Option<u64>,
+    /// The macro tier devices reach for what their own models cannot do.
+    #[serde(default, rename = "macro")]
+    pub macro_tier: RawMacro,
+}
+
+/// `[macro]`: the hub's macro tier, OpenAI-compatible `/v1/chat/completions`
+/// and `/v1/embeddings` for enrolled devices (and the operator). Served by
+/// models the hub runs itself (`[[macro.models]]`) or by an upstream
+/// OpenAI-compatible service (`upstream_url`); with neither, the hub has
+/// no macro tier.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMacro {
+    /// Models the hub runs, with the same fields as the agent's
+    /// `[[models]]`. Relative paths are resolved against the configuration
+    /// file's directory.
+    #[serde(default)]
+    pub models: Vec<runtime::RawModelEntry>,
+    /// The chat model among `models`. Default: the first `llm`.
+    pub chat_model: Option<String>,
+    /// The embedding model among `models`. Default: the first `embedding`.
+    pub embedding_model: Option<String>,
+    /// Base URL of an upstream OpenAI-compatible API (for example
+    /// `https://api.openai.com/v1`); requests go to
+    /// `<url>/chat/completions` and `<url>/embeddings`. Exclusive with
+    /// `models`.
+    pub upstream_url: Option<String>,
+    /// Name of the environment variable holding the upstream API key
+    /// (sent as `Authorization: Bearer`). The key itself never goes in
+    /// this file.
+    pub upstream_api_key_env: Option<String>,
+    /// The upstream chat model's name.
+    pub upstream_chat_model: Option<String>,
+    /// The upstream embedding model's name.
+    pub upstream_embedding_model: Option<String>,
+    /// The upstream chat model's context length in tokens. Default: 8192.
+    pub upstream_context_tokens: Option<u32>,
+    /// Whether the upstream chat model takes tools. Default: true.
+    pub upstream_supports_tools: Option<bool>,
+    /// Longest wait for the upstream's whole answer or first byte of a
+    /// stream (and longest silence inside one), in ms. Default: 30000.
+    pub upstream_timeout_ms: Option<u64>,
+    /// Consecutive upstream failures (errors, 5xx, timeouts) that open the
+    /// circuit breaker. Default: 3.
+    pub breaker_failures: Option<u32>,
+    /// How long the open breaker refuses before letting one probe through,
+    /// in ms. Default: 10000.
+    pub breaker_open_ms: Option<u64>,
+    /// Requests the hub's own models serve at once. Default: 1.
+    pub max_concurrent: Option<usize>,
+    /// Requests waiting for them; beyond this, 429. Default: 32.
+    pub max_queued: Option<usize>,
+}
+
+/// The upstream OpenAI-compatible service of the macro tier.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URL, without a trailing slash.
+    pub url: String,
+    /// See [`RawMacro::upstream_api_key_env`].
+    pub api_key_env: Option<String>,
+    /// The key, read from that variable by the binary.
+    pub api_key: Option<String>,
+    /// See [`RawMacro::upstream_chat_model`].
+    pub chat_model: Option<String>,
+    /// See [`RawMacro::upstream_embedding_model`].
+    pub embedding_model: Option<String>,
+    /// See [`RawMacro::upstream_context_tokens`].
+    pub context_tokens: u32,
+    /// See [`RawMacro::upstream_supports_tools`].
+    pub supports_tools: bool,
+    /// See [`RawMacro::upstream_timeout_ms`].
+    pub timeout: Duration,
+}
+
+/// The validated `[macro]` section.
+#[derive(Debug, Clone, Default)]
+pub struct MacroConfig {
+    /// Models the hub runs.
+    pub catalogue: runtime::Catalogue,
+    /// See [`RawMacro::chat_model`].
+    pub chat_model: Option<String>,
+    /// See [`RawMacro::embedding_model`].
+    pub embedding_model: Option<String>,
+    /// The upstream service, if configured.
+    pub upstream: Option<UpstreamConfig>,
+    /// The upstream circuit breaker.
+    pub breaker: router::BreakerPolicy,
+    /// See [`RawMacro::max_concurrent`].
+    pub max_concurrent: usize,
+    /// See [`RawMacro::max_queued`].
+    pub max_queued: usize,
+}
+
+impl RawMacro {
+    fn validate(&self, base_dir: &std::path::Path) -> Result<MacroConfig, Error> {
+        let bad = |m: String| Error::Config(format!("macro.{m}"));
+        let catalogue = runtime::RawCatalogue {
+            models: self.models.clone(),
+        }
+        .validate(base_dir)
+        .map_err(|e| bad(format!("models: {e}")))?;
+        let first = |kind: runtime::ModelKind| {
+            catalogue
+                .entries
+                .iter()
+                .find(|e| e.spec.kind() == kind)
+                .map(|e| e.id.clone())
+        };
+        let pick = |named: &Option<String>, kind: runtime::ModelKind, field: &str| match named {
+            Some(id) => match catalogue.entries.iter().find(|e| &e.id == id) {
+                Some(e) if e.spec.kind() == kind => Ok(Some(id.clone())),
+                Some(_) => Err(bad(format!("{field}: model {id:?} is not of kind {kind}"))),
+                None => Err(bad(format!("{field}: no model {id:?} in [[macro.models]]"))),
+            },
+            None => Ok(first(kind)),
+        };
+        let chat_model = pick(&self.chat_model, runtime::ModelKind::Llm, "chat_model")?;
+        let embedding_model = pick(
+            &self.embedding_model,
+            runtime::ModelKind::Embedding,
+            "embedding_model",
+        )?;
+        let upstream = match &self.upstream_url {
+            None => None,
+            Some(url) => {
+                if !catalogue.entries.is_empty() {
+                    return Err(bad(
+                        "upstream_url: set either [[macro.models]] or upstream_url, not both"
+                            .into(),
+                    ));
+                }
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(bad(format!(
+                        "upstream_url must be an http:// or https:// URL, got {url:?}"
+                    )));
+                }
+                if self.upstream_chat_model.is_none() && self.upstream_embedding_model.is_none() {
+                    return Err(bad(
+                        "upstream_url: name upstream_chat_model or upstream_embedding_model".into(),
+                    ));
+                }
+                let timeout = self.upstream_timeout_ms.unwrap_or(30_000);
+                if !(100..=600_000).contains(&timeout) {
+                    return Err(bad(format!(
+                        "upstream_timeout_ms must be between 100 and 600000, got {timeout}"
+                    )));
+                }
+                Some(UpstreamConfig {
+                    url: url.trim_end_matches('/').to_owned(),
+                    api_key_env: self.upstream_api_key_env.clone(),
+                    api_key: None,
+                    chat_model: self.upstream_chat_model.clone(),
+                    embedding_model: self.upstream_embedding_model.clone(),
+                    context_tokens: self.upstream_context_tokens.unwrap_or(8192),
+                    supports_tools: self.upstream_supports_tools.unwrap_or(true),
+                    timeout: Duration::from_millis(timeout),
+                })
+            }
+        };
+        let failures = self.breaker_failures.unwrap_or(3);
+        if !(1..=1000).contains(&failures) {
+            return Err(bad(format!(
+                "breaker_failures must be between 1 and 1000, got {failures}"
+            )));
+        }
+        let open_ms = self.breaker_open_ms.unwrap_or(10_000);
+        if !(10..=3_600_000).contains(&open_ms) {
+            return Err(bad(format!(
+                "breaker_open_ms must be between 10 and 3600000, got {open_ms}"
+            )));
+        }
+        let max_concurrent = self.max_concurrent.unwrap_or(1);
+        if !(1..=64).contains(&max_concurrent) {
+            return Err(bad(format!(
+                "max_concurrent must be between 1 and 64, got {max_concurrent}"
+            )));
+        }
+        Ok(MacroConfig {
+            catalogue,
+            chat_model,
+            embedding_model,
+            upstream,
+            breaker: router::BreakerPolicy {
+                failures_to_open: failures,
+                open_ms,
+            },
+            max_concurrent,
+            max_queued: self.max_queued.unwrap_or(32),
+        })
+    }
 }
 
 /// Validated hub configuration.
@@ -58,6 +249,8 @@ pub struct Config {
     pub default_token_ttl: Duration,
     /// See [`RawConfig::rollout_interval_ms`].
     pub rollout_interval: Duration,
+    /// See [`RawMacro`].
+    pub macro_tier: MacroConfig,
 }
 
 /// Longest join-token lifetime the hub accepts.
@@ -69,8 +262,16 @@ impl RawConfig {
         toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
     }
 
-    /// Checks every field and fills in defaults.
+    /// Checks every field and fills in defaults; relative model paths are
+    /// resolved against the current directory.
     pub fn validate(self) -> Result<Config, Error> {
+        self.validate_in(std::path::Path::new("."))
+    }
+
+    /// Checks every field and fills in defaults; relative model paths are
+    /// resolved against `base_dir` (the configuration file's directory).
+    pub fn validate_in(self, base_dir: &std::path::Path) -> Result<Config, Error> {
+        let macro_tier = self.macro_tier.validate(base_dir)?;
         let heartbeat = self.heartbeat_interval_secs.unwrap_or(10);
         if !(1..=3600).contains(&heartbeat) {
             return Err(Error::Config(format!(
@@ -117,6 +318,7 @@ impl RawConfig {
             device_cert_validity: time::Duration::days(i64::from(validity)),
             default_token_ttl: ttl,
             rollout_interval: Duration::from_millis(rollout_interval),
+            macro_tier,
         })
     }
 }

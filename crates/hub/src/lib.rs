@@ -12,6 +12,7 @@ pub mod api;
 pub mod config;
 pub mod events;
 pub mod insights;
+pub mod macro_tier;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;

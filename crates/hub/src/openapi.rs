@@ -43,6 +43,9 @@ use crate::api;
         crate::rollouts::show,
         crate::rollouts::act,
         crate::rollouts::report,
+        crate::macro_tier::info,
+        crate::macro_tier::chat,
+        crate::macro_tier::embeddings,
     ),
     modifiers(&Security),
     tags(
@@ -52,6 +55,7 @@ use crate::api;
         (name = "registry", description = "The signed model registry: artifacts, manifests and TUF-style metadata"),
         (name = "insights", description = "Insights devices delivered, and the fleet views computed from them"),
         (name = "rollouts", description = "Staged, health-gated rollouts of model releases, and devices' reports on them"),
+        (name = "macro", description = "The macro tier: OpenAI-compatible chat and embeddings for devices (mutual TLS) and the operator"),
     )
 )]
 struct HubApi;

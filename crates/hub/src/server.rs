@@ -218,7 +218,16 @@ pub async fn start(config: Config) -> Result<RunningHub, Error> {
 
     let (metrics, registry) = HubMetrics::new();
     let ca_fingerprint = ca.fingerprint();
-    let state = AppState::new(store, ca, config, url.clone(), metrics, registry);
+    let macro_tier = crate::macro_tier::MacroTier::start(&config.macro_tier).await?;
+    let state = AppState::new(
+        store,
+        ca,
+        config,
+        url.clone(),
+        metrics,
+        registry,
+        macro_tier,
+    );
     let app = crate::api::router(state.clone());
     let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), app));
     tokio::spawn(crate::rollouts::controller(state.clone()));

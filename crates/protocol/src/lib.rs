@@ -11,6 +11,7 @@
 pub mod insight;
 pub mod openai;
 pub mod rollout;
+pub mod route;
 mod token;
 
 use std::collections::BTreeMap;

@@ -144,9 +144,19 @@ pub struct ChatCompletionRequest {
     /// Accepted for compatibility; must be 0 or absent.
     #[serde(default)]
     pub presence_penalty: Option<f32>,
+    /// Tool (function) definitions. Local micro models take none; the
+    /// router sends such requests to a tier that does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// How the model should use the tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<serde_json::Value>,
     /// An end-user id (accepted, not used).
     #[serde(default)]
     pub user: Option<String>,
+    /// Strata's routing options (mode, private, app, latency budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strata: Option<crate::route::RouteOptions>,
 }
 
 /// `POST /v1/completions`.
@@ -190,6 +200,9 @@ pub struct CompletionRequest {
     /// An end-user id (accepted, not used).
     #[serde(default)]
     pub user: Option<String>,
+    /// Strata's routing options (mode, private, app, latency budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strata: Option<crate::route::RouteOptions>,
 }
 
 /// Token counts of a response.
@@ -237,7 +250,7 @@ pub struct ChoiceLogprobs {
 
 /// How long each phase took and how fast it ran: Strata's addition to a
 /// response, under the `strata` key.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StrataTimings {
     /// Time spent waiting for a free slot.
     pub queue_ms: f64,
@@ -251,6 +264,10 @@ pub struct StrataTimings {
     pub decode_tokens_per_s: f64,
     /// Mean log-probability of the generated tokens: the answer's confidence.
     pub mean_logprob: Option<f32>,
+    /// The router's decision record, when the answer went through the
+    /// edge agent's router.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<crate::route::RouteRecord>,
 }
 
 /// An assistant message in a response.
@@ -290,7 +307,8 @@ pub struct ChatCompletion {
     pub choices: Vec<ChatChoice>,
     /// Token counts.
     pub usage: Usage,
-    /// Timings and confidence.
+    /// Timings, confidence and the decision record.
+    #[serde(default)]
     pub strata: StrataTimings,
 }
 
@@ -335,6 +353,10 @@ pub struct ChatCompletionChunk {
     /// Only in the last chunk, when `stream_options.include_usage` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The decision record, in a last chunk of its own (no choices) when
+    /// the stream went through the edge agent's router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strata: Option<crate::route::RouteRecord>,
 }
 
 /// Legacy completion log-probabilities.
@@ -401,6 +423,9 @@ pub struct EmbeddingRequest {
     /// An end-user id (accepted, not used).
     #[serde(default)]
     pub user: Option<String>,
+    /// Strata's routing options (mode, private, app, latency budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strata: Option<crate::route::RouteOptions>,
 }
 
 /// An embedding vector, as floats or base64.
@@ -444,6 +469,10 @@ pub struct EmbeddingResponse {
     pub model: String,
     /// Token counts.
     pub usage: EmbeddingUsage,
+    /// The decision record, when the request went through the edge
+    /// agent's router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strata: Option<crate::route::RouteRecord>,
 }
 
 /// A model in `/v1/models`.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::llm::{CancelToken, Generation, GenerationRequest, StreamChunk};
+use crate::llm::{CancelToken, Generation, GenerationRequest, Prompt, StreamChunk};
 
 /// The kinds of model the runtime serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -82,6 +82,10 @@ pub trait TextGenerator: Send + Sync {
 
     /// The context length (prompt plus completion) in tokens.
     fn context_length(&self) -> usize;
+
+    /// The prompt's length in tokens, chat template included, whether or
+    /// not it fits the context (the router compares it with each tier's).
+    fn count_tokens(&self, prompt: &Prompt) -> Result<usize>;
 
     /// The UTF-8 bytes of a token (to show alternatives in log-probabilities).
     fn token_bytes(&self, token: u32) -> Vec<u8>;

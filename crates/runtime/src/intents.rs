@@ -380,6 +380,39 @@ impl IntentDataset {
     }
 }
 
+/// Strata's own intents file (Home Assistant's template format): questions
+/// that need data from the whole fleet (`StrataFleetQuery`), which the
+/// edge router sends to the hub. Train a head with them
+/// ([`IntentDataset::merge`]) and the router can tell them apart from
+/// device commands.
+pub const FLEET_INTENTS_JSON: &str = include_str!("../data/fleet-intents.json");
+
+/// The intent of [`FLEET_INTENTS_JSON`].
+pub const FLEET_INTENT: &str = "StrataFleetQuery";
+
+impl IntentDataset {
+    /// The union of two data sets: intents sorted, sentences grouped by
+    /// intent in that order; a sentence both contain keeps its first intent.
+    pub fn merge(self, other: IntentDataset) -> IntentDataset {
+        let mut intents: Vec<String> = self.intents.iter().chain(&other.intents).cloned().collect();
+        intents.sort();
+        intents.dedup();
+        let mut seen = HashSet::new();
+        let mut all: Vec<IntentExample> = self
+            .examples
+            .into_iter()
+            .chain(other.examples)
+            .filter(|e| seen.insert(e.text.clone()))
+            .collect();
+        // Stable: each intent's sentences keep their order.
+        all.sort_by_key(|e| intents.binary_search(&e.intent).unwrap_or(usize::MAX));
+        IntentDataset {
+            intents,
+            examples: all,
+        }
+    }
+}
+
 /// 64-bit FNV-1a: a stable hash (unlike std's, which is randomly seeded).
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

@@ -608,6 +608,14 @@ impl TextGenerator for LlmModel {
         self.context_length
     }
 
+    fn count_tokens(&self, prompt: &Prompt) -> Result<usize> {
+        Ok(match prompt {
+            Prompt::Chat(messages) => self.tokenize(&self.apply_chat_template(messages)?).len(),
+            Prompt::Text(text) => self.tokenize(text).len(),
+            Prompt::Tokens(tokens) => tokens.len(),
+        })
+    }
+
     fn token_bytes(&self, token: u32) -> Vec<u8> {
         LlmModel::token_bytes(self, token)
     }

@@ -36,6 +36,31 @@ fn the_demo_enrols_its_fleet_and_shows_it_online() {
         "{stdout}"
     );
     assert_eq!(stdout.matches("HassTurnOff").count(), 2, "{stdout}");
+    // The router: a fleet question goes to the hub's macro model, personal
+    // data stays on the device (and is refused in only_macro), and nothing
+    // personal reaches the audit log.
+    let routed = |what: &str, nth: usize| -> String {
+        let lines: Vec<&str> = stdout.lines().collect();
+        let i = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with(what))
+            .nth(nth)
+            .map(|(i, _)| i)
+            .unwrap_or_else(|| panic!("no {what:?} line: {stdout}"));
+        format!("{}\n{}", lines[i + 1], lines[i + 2])
+    };
+    let fleet = routed("fleet question", 0);
+    assert!(fleet.contains("→ macro qwen2.5-coder-0.5b"), "{fleet}");
+    assert!(fleet.contains("fleet-wide"), "{fleet}");
+    let private = routed("personal data", 0);
+    assert!(private.contains("→ local"), "{private}");
+    assert!(
+        routed("personal data", 1).contains("403 refused"),
+        "{stdout}"
+    );
+    assert!(routed("marked private", 0).contains("→ local"), "{stdout}");
+    assert!(stdout.contains("personal data in them: none."), "{stdout}");
     // The last site goes offline, keeps working, and catches up: the hub
     // ends with exactly what the site's devices produced.
     assert!(stdout.contains("site-2 loses its uplink"), "{stdout}");

@@ -10,4 +10,5 @@ mod insights;
 mod model_registry;
 mod resilience;
 mod rollouts;
+mod route;
 mod support;

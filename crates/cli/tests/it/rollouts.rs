@@ -47,60 +47,33 @@ fn train(out: &Path, seed: u64, health: &Path) {
     );
 }
 
-/// Trains the heads, or waits for another test process that is training
-/// them (a lock file holding its pid).
+/// Trains the heads once per target directory (test processes share them).
 fn heads() -> Heads {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("rollout-heads");
-    std::fs::create_dir_all(&dir).unwrap();
-    let heads = Heads {
+    let dir = crate::support::built_once("rollout-heads", |dir| {
+        let health = dir.join("health.json");
+        train(&dir.join("a.safetensors"), 42, &health);
+        train(&dir.join("b.safetensors"), 7, &dir.join("scratch.json"));
+        // These tests are about verification and rollback, not speed: a
+        // debug build on a busy machine gets a generous latency bound for
+        // its probes.
+        let mut h: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&health).unwrap()).unwrap();
+        h["max_latency_ms"] = 60_000.into();
+        std::fs::write(&health, serde_json::to_vec(&h).unwrap()).unwrap();
+        let head = runtime::ClassifierHead::load(&dir.join("a.safetensors")).unwrap();
+        let mut labels = head.labels().to_vec();
+        labels.rotate_left(1);
+        head.relabel(labels)
+            .unwrap()
+            .save(&dir.join("broken.safetensors"))
+            .unwrap();
+    });
+    Heads {
         a: dir.join("a.safetensors"),
         b: dir.join("b.safetensors"),
         broken: dir.join("broken.safetensors"),
         health: dir.join("health.json"),
-    };
-    let done = dir.join("done");
-    let lock = dir.join("lock");
-    let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    while !done.exists() {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&lock)
-        {
-            Ok(_) => {
-                std::fs::write(&lock, std::process::id().to_string()).unwrap();
-                let scratch = dir.join("scratch.json");
-                train(&heads.a, 42, &heads.health);
-                train(&heads.b, 7, &scratch);
-                // These tests are about verification and rollback, not
-                // speed: a debug build on a busy machine gets a generous
-                // latency bound for its probes.
-                let mut health: serde_json::Value =
-                    serde_json::from_slice(&std::fs::read(&heads.health).unwrap()).unwrap();
-                health["max_latency_ms"] = 60_000.into();
-                std::fs::write(&heads.health, serde_json::to_vec(&health).unwrap()).unwrap();
-                let head = runtime::ClassifierHead::load(&heads.a).unwrap();
-                let mut labels = head.labels().to_vec();
-                labels.rotate_left(1);
-                head.relabel(labels).unwrap().save(&heads.broken).unwrap();
-                std::fs::write(&done, b"").unwrap();
-                let _ = std::fs::remove_file(&lock);
-            }
-            Err(_) => {
-                // Another process trains; take over if it died.
-                let holder = std::fs::read_to_string(&lock).unwrap_or_default();
-                if !holder.is_empty() && !Path::new(&format!("/proc/{}", holder.trim())).exists() {
-                    let _ = std::fs::remove_file(&lock);
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "timed out waiting for the heads"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
     }
-    heads
 }
 
 /// A hub with registry keys, and a place for agents.

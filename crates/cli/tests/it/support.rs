@@ -74,17 +74,29 @@ pub struct Hub {
     pub url: String,
     pub operator_token: String,
     listen: String,
+    config: Option<PathBuf>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl Hub {
     /// Starts a hub with a new data directory under `root`.
     pub async fn start(root: &Path) -> Self {
+        Self::start_with(root, None, &[]).await
+    }
+
+    /// Starts a hub with a configuration file and extra environment.
+    pub async fn start_with(root: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> Self {
         let mut hub = Hub {
             dir: root.join("hub"),
             url: String::new(),
             operator_token: String::new(),
             listen: "127.0.0.1:0".into(),
+            config: config.map(Path::to_path_buf),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
         };
         hub.spawn().await;
@@ -108,11 +120,18 @@ impl Hub {
         let url_file = self.dir.join("hub.url");
         let _ = std::fs::remove_file(&url_file);
         let token_file = self.dir.parent().unwrap().join("operator.token");
-        let child = Command::new(STRATA)
-            .args(["hub", "--data-dir"])
+        let mut cmd = Command::new(STRATA);
+        cmd.args(["hub", "--data-dir"])
             .arg(&self.dir)
             .args(["--listen", &self.listen, "--operator-token-file"])
-            .arg(&token_file)
+            .arg(&token_file);
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd
             .env("STRATA_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -358,5 +377,46 @@ pub fn assets() -> PathBuf {
         "model assets missing in {}: run scripts/fetch-assets",
         dir.display()
     );
+    dir
+}
+
+/// A directory under the target's scratch space whose contents `build`
+/// makes once for all test processes: the first process to take the lock
+/// file builds while the others wait (and take over if it died).
+pub fn built_once(name: &str, build: impl FnOnce(&Path)) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let done = dir.join("done");
+    let lock = dir.join("lock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    let mut build = Some(build);
+    while !done.exists() {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(_) => {
+                std::fs::write(&lock, std::process::id().to_string()).unwrap();
+                if let Some(build) = build.take() {
+                    build(&dir);
+                }
+                std::fs::write(&done, b"").unwrap();
+                let _ = std::fs::remove_file(&lock);
+            }
+            Err(_) => {
+                let holder = std::fs::read_to_string(&lock).unwrap_or_default();
+                if !holder.is_empty() && !Path::new(&format!("/proc/{}", holder.trim())).exists() {
+                    let _ = std::fs::remove_file(&lock);
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "timed out waiting for {name}"
+                );
+                // Another process is building; poll its done marker.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
     dir
 }

@@ -1,7 +1,13 @@
-//! The agent's inference API: OpenAI-compatible `/v1/chat/completions`,
+//! OpenAI-compatible serving of runtime models: `/v1/chat/completions`,
 //! `/v1/completions`, `/v1/embeddings` and `/v1/models`, plus Strata's
-//! `/v1/classify` and `/v1/anomaly`, served from the models in the agent's
-//! catalogue.
+//! `/v1/classify` and `/v1/anomaly`, over a set of loaded
+//! [`runtime::ModelBackend`]s.
+//!
+//! The edge agent serves its catalogue through it (behind its router, which
+//! uses the library half: [`Inference::chat_job`], [`run_chat`],
+//! [`stream_chat`]); the hub serves its macro model through [`router`]. It
+//! is not a router and knows nothing of devices, hubs or insights: what a
+//! deployment wants to learn from the traffic it gets through [`Observer`].
 //!
 //! Errors use OpenAI's error body (`{"error": {...}}`) so that OpenAI
 //! clients report them properly. Work is admitted through [`Admission`]: a
@@ -15,7 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::insights::Insights;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -32,6 +37,7 @@ use protocol::openai::{
     EmbeddingUsage, EmbeddingVector, ErrorBody, ErrorDetail, MessageContent, Model, ModelList,
     StrataTimings, TokenLogprob, TopLogprob, Usage,
 };
+use protocol::route::RouteRecord;
 use runtime::{
     CancelToken, GeneratedToken, Generation, GenerationRequest, ModelBackend, Prompt,
     SamplingParams, StreamChunk, TextGenerator,
@@ -47,7 +53,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error_type: &str, code: &str, message: impl Into<String>) -> Self {
+    /// An error with an HTTP status, OpenAI's error `type`, a `code` and a
+    /// message.
+    pub fn new(
+        status: StatusCode,
+        error_type: &str,
+        code: &str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             detail: ErrorDetail {
@@ -60,7 +73,8 @@ impl ApiError {
         }
     }
 
-    fn invalid(param: &str, message: impl Into<String>) -> Self {
+    /// A 400 for request parameter `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
         let mut e = Self::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -69,6 +83,28 @@ impl ApiError {
         );
         e.detail.param = Some(param.to_owned());
         e
+    }
+
+    /// Names the request parameter at fault.
+    pub fn with_param(mut self, param: &str) -> Self {
+        self.detail.param = Some(param.to_owned());
+        self
+    }
+
+    /// Retry after `secs` seconds (sent as `Retry-After`).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The body's inside.
+    pub fn detail(&self) -> &ErrorDetail {
+        &self.detail
     }
 
     fn from_runtime(e: runtime::Error) -> Self {
@@ -268,19 +304,39 @@ impl Generator {
     }
 }
 
-/// The models the agent serves.
+/// What a deployment learns from the traffic: the edge agent turns these
+/// into insights and health figures. Every method must return quickly.
+pub trait Observer: Send + Sync {
+    /// One request to `model` ended after `ms`, failed or not.
+    fn request(&self, model: &str, ms: f64, failed: bool);
+    /// Raw input bytes a request brought to a model.
+    fn raw_bytes(&self, bytes: u64);
+    /// A text was classified as `label`.
+    fn intent(&self, label: &str);
+    /// Readings were scored by anomaly detector `model`; the response waits
+    /// for the returned future (so that an alert is stored before the caller
+    /// hears of the scores).
+    fn anomalies<'a>(
+        &'a self,
+        model: &'a str,
+        readings: &'a [Vec<f64>],
+        scores: &'a [f64],
+    ) -> futures_util::future::BoxFuture<'a, ()>;
+}
+
+/// The models served.
 pub struct Inference {
     models: std::sync::RwLock<BTreeMap<String, Arc<dyn ModelBackend>>>,
     watches: std::sync::Mutex<BTreeMap<String, Arc<ModelWatch>>>,
     loaded_at: i64,
     admission: Admission,
-    insights: Option<Arc<Insights>>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 /// Times one request to a model for the insights' health figures. Dropped
 /// without [`RequestTimer::ok`], the request counts as failed.
 struct RequestTimer {
-    insights: Option<Arc<Insights>>,
+    observer: Option<Arc<dyn Observer>>,
     watch: Option<Arc<ModelWatch>>,
     model: String,
     started: Instant,
@@ -296,8 +352,8 @@ impl RequestTimer {
 impl Drop for RequestTimer {
     fn drop(&mut self) {
         let ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        if let Some(insights) = &self.insights {
-            insights.observe_request(&self.model, ms, !self.ok);
+        if let Some(observer) = &self.observer {
+            observer.request(&self.model, ms, !self.ok);
         }
         if let Some(watch) = &self.watch {
             watch.record(ms, !self.ok);
@@ -321,19 +377,19 @@ impl Inference {
             watches: std::sync::Mutex::default(),
             loaded_at: time::OffsetDateTime::now_utc().unix_timestamp(),
             admission,
-            insights: None,
+            observer: None,
         }
     }
 
-    /// Reports what is served to `insights` (intents, anomalies, health).
-    pub fn with_insights(mut self, insights: Arc<Insights>) -> Self {
-        self.insights = Some(insights);
+    /// Reports what is served to `observer` (intents, anomalies, health).
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
     fn timer(&self, model: &str) -> RequestTimer {
         RequestTimer {
-            insights: self.insights.clone(),
+            observer: self.observer.clone(),
             watch: self
                 .watches
                 .lock()
@@ -347,8 +403,8 @@ impl Inference {
     }
 
     fn observe_raw(&self, bytes: usize) {
-        if let Some(i) = &self.insights {
-            i.observe_raw(bytes as u64);
+        if let Some(o) = &self.observer {
+            o.raw_bytes(bytes as u64);
         }
     }
 
@@ -419,7 +475,17 @@ impl Inference {
     }
 }
 
-/// The inference routes, to merge into the local API.
+/// The routes that only the device's own models serve: `/v1/models`,
+/// `/v1/classify` and `/v1/anomaly` (the edge agent routes the rest).
+pub fn predict_router(inference: Arc<Inference>) -> Router {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/classify", post(classify))
+        .route("/v1/anomaly", post(anomaly))
+        .with_state(inference)
+}
+
+/// Every inference route, served straight from the models.
 pub fn router(inference: Arc<Inference>) -> Router {
     Router::new()
         .route("/v1/models", get(models))
@@ -550,6 +616,7 @@ fn timings(g: &Generation) -> StrataTimings {
         prefill_tokens_per_s: g.timings.prefill_tokens_per_s,
         decode_tokens_per_s: g.timings.decode_tokens_per_s,
         mean_logprob,
+        route: None,
     }
 }
 
@@ -594,152 +661,147 @@ fn spawn_generation(
     })
 }
 
-async fn chat(
-    State(inf): State<Arc<Inference>>,
-    OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
-) -> Result<Response, ApiError> {
-    let g_model = generator(&inf, &req.model)?;
-    let g = g_model.get();
-    if req.n.unwrap_or(1) != 1 {
-        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+/// A validated chat request, ready to run on its model.
+pub struct ChatJob {
+    model: Arc<dyn ModelBackend>,
+    request: GenerationRequest,
+    model_id: String,
+    want_logprobs: bool,
+    include_usage: bool,
+    stream: bool,
+}
+
+impl std::fmt::Debug for ChatJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatJob")
+            .field("model", &self.model_id)
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
     }
-    for (name, v) in [
-        ("frequency_penalty", req.frequency_penalty),
-        ("presence_penalty", req.presence_penalty),
-    ] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid(name, format!("{name} is not supported")));
+}
+
+impl ChatJob {
+    /// The client asked for a stream.
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+
+    /// The client asked for usage in the stream's last chunk.
+    pub fn include_usage(&self) -> bool {
+        self.include_usage
+    }
+
+    /// The id of the model it runs on.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// The model's context length in tokens.
+    pub fn context_tokens(&self) -> usize {
+        self.model.as_generator().map_or(0, |g| g.context_length())
+    }
+
+    /// The completion tokens asked for, if the client set a limit.
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.request.max_tokens
+    }
+
+    /// The prompt's length in tokens of the model, chat template included.
+    pub fn prompt_tokens(&self) -> Result<usize, ApiError> {
+        let g = self
+            .model
+            .as_generator()
+            .ok_or_else(|| Inference::wrong_kind(&self.model_id, "a text generation model"))?;
+        g.count_tokens(&self.request.prompt)
+            .map_err(ApiError::from_runtime)
+    }
+}
+
+impl Inference {
+    /// Checks a chat request and binds it to its model.
+    pub fn chat_job(&self, req: ChatCompletionRequest) -> Result<ChatJob, ApiError> {
+        let model = generator(self, &req.model)?.0;
+        if req.n.unwrap_or(1) != 1 {
+            return Err(ApiError::invalid("n", "only n = 1 is supported"));
         }
-    }
-    if req.messages.is_empty() {
-        return Err(ApiError::invalid("messages", "messages must not be empty"));
-    }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for m in req.messages {
-        let role = match m.role.as_str() {
-            "developer" => "system".to_owned(),
-            "system" | "user" | "assistant" => m.role.clone(),
-            other => {
-                return Err(ApiError::invalid(
-                    "messages",
-                    format!("message role {other:?} is not supported"),
-                ));
+        if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+            let mut e = ApiError::invalid(
+                "tools",
+                format!("model {:?} does not take tools", req.model),
+            );
+            e.detail.code = Some("tools_not_supported".into());
+            return Err(e);
+        }
+        for (name, v) in [
+            ("frequency_penalty", req.frequency_penalty),
+            ("presence_penalty", req.presence_penalty),
+        ] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid(name, format!("{name} is not supported")));
             }
-        };
-        messages.push(runtime::ChatMessage::new(role, text_of(m.content)?));
+        }
+        if req.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        let mut messages = Vec::with_capacity(req.messages.len());
+        for m in req.messages {
+            let role = match m.role.as_str() {
+                "developer" => "system".to_owned(),
+                "system" | "user" | "assistant" => m.role.clone(),
+                other => {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("message role {other:?} is not supported"),
+                    ));
+                }
+            };
+            messages.push(runtime::ChatMessage::new(role, text_of(m.content)?));
+        }
+        let want_logprobs = req.logprobs.unwrap_or(false);
+        let top = req.top_logprobs.unwrap_or(0);
+        if top > 20 {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs must be at most 20",
+            ));
+        }
+        let request = generation_request(
+            Prompt::Chat(messages),
+            Sampling {
+                max_tokens: req.max_completion_tokens.or(req.max_tokens),
+                temperature: req.temperature,
+                top_p: req.top_p,
+                top_k: req.top_k,
+                seed: req.seed,
+                stop: req.stop.map(|s| s.into_vec()).unwrap_or_default(),
+                top_logprobs: if want_logprobs { top } else { 0 },
+            },
+        )?;
+        Ok(ChatJob {
+            model,
+            request,
+            model_id: req.model,
+            want_logprobs,
+            include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+            stream: req.stream.unwrap_or(false),
+        })
     }
-    let want_logprobs = req.logprobs.unwrap_or(false);
-    let top = req.top_logprobs.unwrap_or(0);
-    if top > 20 {
-        return Err(ApiError::invalid(
-            "top_logprobs",
-            "top_logprobs must be at most 20",
-        ));
-    }
-    let request = generation_request(
-        Prompt::Chat(messages),
-        Sampling {
-            max_tokens: req.max_completion_tokens.or(req.max_tokens),
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            seed: req.seed,
-            stop: req.stop.map(|s| s.into_vec()).unwrap_or_default(),
-            top_logprobs: if want_logprobs { top } else { 0 },
-        },
-    )?;
-    let _ = g;
-    let model = inf.model(&req.model)?;
+}
+
+/// Runs a chat job to its end and answers it whole (whatever the job's
+/// `stream` flag). `strata.mean_logprob` carries the answer's confidence.
+pub async fn run_chat(inf: &Inference, job: ChatJob) -> Result<ChatCompletion, ApiError> {
     let id = response_id("chatcmpl");
     let created = now();
-    let model_id = req.model.clone();
-
-    if req.stream.unwrap_or(false) {
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(
-            stream_response(inf, model, request, move |item| match item {
-                StreamItem::Start => vec![ChatCompletionChunk {
-                    id: id.clone(),
-                    object: "chat.completion.chunk".into(),
-                    created,
-                    model: model_id.clone(),
-                    choices: vec![ChatChunkChoice {
-                        index: 0,
-                        delta: ChatDelta {
-                            role: Some("assistant".into()),
-                            content: Some(String::new()),
-                        },
-                        finish_reason: None,
-                        logprobs: None,
-                    }],
-                    usage: None,
-                }],
-                StreamItem::Chunk(generator, chunk) => {
-                    if chunk.text.is_empty() && !want_logprobs {
-                        return Vec::new();
-                    }
-                    vec![ChatCompletionChunk {
-                        id: id.clone(),
-                        object: "chat.completion.chunk".into(),
-                        created,
-                        model: model_id.clone(),
-                        choices: vec![ChatChunkChoice {
-                            index: 0,
-                            delta: ChatDelta {
-                                role: None,
-                                content: Some(chunk.text.clone()),
-                            },
-                            finish_reason: None,
-                            logprobs: want_logprobs.then(|| ChoiceLogprobs {
-                                content: chunk
-                                    .token
-                                    .iter()
-                                    .map(|t| token_logprob(generator, t))
-                                    .collect(),
-                            }),
-                        }],
-                        usage: None,
-                    }]
-                }
-                StreamItem::End(generation) => {
-                    let mut out = vec![ChatCompletionChunk {
-                        id: id.clone(),
-                        object: "chat.completion.chunk".into(),
-                        created,
-                        model: model_id.clone(),
-                        choices: vec![ChatChunkChoice {
-                            index: 0,
-                            delta: ChatDelta::default(),
-                            finish_reason: Some(generation.finish_reason.as_openai().into()),
-                            logprobs: None,
-                        }],
-                        usage: None,
-                    }];
-                    if include_usage {
-                        out.push(ChatCompletionChunk {
-                            id: id.clone(),
-                            object: "chat.completion.chunk".into(),
-                            created,
-                            model: model_id.clone(),
-                            choices: Vec::new(),
-                            usage: Some(usage(generation)),
-                        });
-                    }
-                    out
-                }
-            })
-            .await,
-        );
-    }
-
-    let generation = generate_whole(&inf, model, request).await?;
-    let g_model = generator(&inf, &model_id)?;
-    let g = g_model.get();
-    Ok(Json(ChatCompletion {
+    let model = Arc::clone(&job.model);
+    let generation = generate_whole(inf, Arc::clone(&model), job.request).await?;
+    let g = Generator(model);
+    let g = g.get();
+    Ok(ChatCompletion {
         id,
         object: "chat.completion".into(),
         created,
-        model: model_id,
+        model: job.model_id,
         choices: vec![ChatChoice {
             index: 0,
             message: AssistantMessage {
@@ -747,7 +809,7 @@ async fn chat(
                 content: generation.text.clone(),
             },
             finish_reason: generation.finish_reason.as_openai().into(),
-            logprobs: want_logprobs.then(|| ChoiceLogprobs {
+            logprobs: job.want_logprobs.then(|| ChoiceLogprobs {
                 content: generation
                     .tokens
                     .iter()
@@ -758,7 +820,177 @@ async fn chat(
         usage: usage(&generation),
         strata: timings(&generation),
     })
-    .into_response())
+}
+
+/// What a finished stream reports to its [`StreamEnd`] hook.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamOutcome {
+    /// Token counts.
+    pub usage: Usage,
+    /// Mean log-probability of the generated tokens.
+    pub mean_logprob: Option<f32>,
+    /// Time spent waiting for a slot, in ms.
+    pub queue_ms: f64,
+    /// Time to evaluate the prompt, in ms.
+    pub prefill_ms: f64,
+}
+
+/// Called when a stream's generation ends; what it returns is sent as a
+/// last chunk of its own (no choices) before `[DONE]`.
+pub type StreamEnd = Box<dyn FnOnce(StreamOutcome) -> Option<RouteRecord> + Send>;
+
+/// Runs a chat job as a Server-Sent Events stream.
+pub async fn stream_chat(inf: Arc<Inference>, job: ChatJob, end: Option<StreamEnd>) -> Response {
+    let id = response_id("chatcmpl");
+    let created = now();
+    let model_id = job.model_id.clone();
+    let want_logprobs = job.want_logprobs;
+    let include_usage = job.include_usage;
+    let mut end = end;
+    let chunk = move |choices: Vec<ChatChunkChoice>,
+                      usage: Option<Usage>,
+                      strata: Option<RouteRecord>| ChatCompletionChunk {
+        id: id.clone(),
+        object: "chat.completion.chunk".into(),
+        created,
+        model: model_id.clone(),
+        choices,
+        usage,
+        strata,
+    };
+    stream_response(inf, job.model, job.request, move |item| match item {
+        StreamItem::Start => vec![chunk(
+            vec![ChatChunkChoice {
+                index: 0,
+                delta: ChatDelta {
+                    role: Some("assistant".into()),
+                    content: Some(String::new()),
+                },
+                finish_reason: None,
+                logprobs: None,
+            }],
+            None,
+            None,
+        )],
+        StreamItem::Chunk(generator, c) => {
+            if c.text.is_empty() && !want_logprobs {
+                return Vec::new();
+            }
+            vec![chunk(
+                vec![ChatChunkChoice {
+                    index: 0,
+                    delta: ChatDelta {
+                        role: None,
+                        content: Some(c.text.clone()),
+                    },
+                    finish_reason: None,
+                    logprobs: want_logprobs.then(|| ChoiceLogprobs {
+                        content: c
+                            .token
+                            .iter()
+                            .map(|t| token_logprob(generator, t))
+                            .collect(),
+                    }),
+                }],
+                None,
+                None,
+            )]
+        }
+        StreamItem::End(generation) => {
+            let mut out = vec![chunk(
+                vec![ChatChunkChoice {
+                    index: 0,
+                    delta: ChatDelta::default(),
+                    finish_reason: Some(generation.finish_reason.as_openai().into()),
+                    logprobs: None,
+                }],
+                None,
+                None,
+            )];
+            if include_usage {
+                out.push(chunk(Vec::new(), Some(usage(generation)), None));
+            }
+            if let Some(end) = end.take() {
+                let t = timings(generation);
+                let outcome = StreamOutcome {
+                    usage: usage(generation),
+                    mean_logprob: t.mean_logprob,
+                    queue_ms: t.queue_ms,
+                    prefill_ms: t.prefill_ms,
+                };
+                if let Some(record) = end(outcome) {
+                    out.push(chunk(Vec::new(), None, Some(record)));
+                }
+            }
+            out
+        }
+    })
+    .await
+}
+
+/// Sends a whole chat answer as a Server-Sent Events stream, in the chunks
+/// a live stream would have (the router's cascade decides on a whole local
+/// answer before the client sees a token).
+pub fn replay_chat(answer: ChatCompletion, include_usage: bool) -> Response {
+    let base = |choices: Vec<ChatChunkChoice>, usage: Option<Usage>, strata| ChatCompletionChunk {
+        id: answer.id.clone(),
+        object: "chat.completion.chunk".into(),
+        created: answer.created,
+        model: answer.model.clone(),
+        choices,
+        usage,
+        strata,
+    };
+    let mut chunks = Vec::new();
+    for choice in &answer.choices {
+        chunks.push(base(
+            vec![ChatChunkChoice {
+                index: choice.index,
+                delta: ChatDelta {
+                    role: Some("assistant".into()),
+                    content: Some(choice.message.content.clone()),
+                },
+                finish_reason: None,
+                logprobs: choice.logprobs.clone(),
+            }],
+            None,
+            None,
+        ));
+        chunks.push(base(
+            vec![ChatChunkChoice {
+                index: choice.index,
+                delta: ChatDelta::default(),
+                finish_reason: Some(choice.finish_reason.clone()),
+                logprobs: None,
+            }],
+            None,
+            None,
+        ));
+    }
+    if include_usage {
+        chunks.push(base(Vec::new(), Some(answer.usage), None));
+    }
+    if let Some(record) = answer.strata.route.clone() {
+        chunks.push(base(Vec::new(), None, Some(record)));
+    }
+    let mut events: Vec<Result<Event, Infallible>> = chunks
+        .into_iter()
+        .filter_map(|c| Event::default().json_data(c).ok())
+        .map(Ok)
+        .collect();
+    events.push(Ok(Event::default().data("[DONE]")));
+    Sse::new(futures_util::stream::iter(events)).into_response()
+}
+
+async fn chat(
+    State(inf): State<Arc<Inference>>,
+    OpenAiJson(req): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let job = inf.chat_job(req)?;
+    if job.stream() {
+        return Ok(stream_chat(inf, job, None).await);
+    }
+    Ok(Json(run_chat(&inf, job).await?).into_response())
 }
 
 /// A blocking task that died (it panicked or the runtime is shutting down).
@@ -885,6 +1117,12 @@ async fn completions(
     State(inf): State<Arc<Inference>>,
     OpenAiJson(req): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    complete(inf, req).await
+}
+
+/// Answers a legacy completion request (`POST /v1/completions`), whole or
+/// streamed as the request asks.
+pub async fn complete(inf: Arc<Inference>, req: CompletionRequest) -> Result<Response, ApiError> {
     generator(&inf, &req.model)?;
     if req.n.unwrap_or(1) != 1 {
         return Err(ApiError::invalid("n", "only n = 1 is supported"));
@@ -1034,6 +1272,11 @@ async fn embeddings(
     State(inf): State<Arc<Inference>>,
     OpenAiJson(req): OpenAiJson<EmbeddingRequest>,
 ) -> Result<Json<EmbeddingResponse>, ApiError> {
+    embed(&inf, req).await.map(Json)
+}
+
+/// Answers an embeddings request (`POST /v1/embeddings`).
+pub async fn embed(inf: &Inference, req: EmbeddingRequest) -> Result<EmbeddingResponse, ApiError> {
     let model = inf.model(&req.model)?;
     let embedder = model
         .as_embedder()
@@ -1080,7 +1323,7 @@ async fn embeddings(
     })
     .await?;
     timer.ok();
-    Ok(Json(EmbeddingResponse {
+    Ok(EmbeddingResponse {
         object: "list".into(),
         data: vectors
             .into_iter()
@@ -1101,7 +1344,8 @@ async fn embeddings(
             prompt_tokens: tokens,
             total_tokens: tokens,
         },
-    }))
+        strata: None,
+    })
 }
 
 async fn classify(
@@ -1126,9 +1370,9 @@ async fn classify(
         Ok((c.labels().to_vec(), predictions))
     })
     .await?;
-    if let Some(insights) = &inf.insights {
+    if let Some(observer) = &inf.observer {
         for p in &predictions {
-            insights.observe_intent(&p.label);
+            observer.intent(&p.label);
         }
     }
     timer.ok();
@@ -1190,14 +1434,9 @@ async fn anomaly(
         let score = scorer.score_and_learn(r).map_err(ApiError::from_runtime)?;
         data.push(AnomalyScore { index, score });
     }
-    if let Some(insights) = &inf.insights {
+    if let Some(observer) = &inf.observer {
         let scores: Vec<f64> = data.iter().map(|d| d.score).collect();
-        if let Some(alert) = insights.anomaly_alert(&req.model, &req.readings, &scores) {
-            // The alert is on disk before the caller hears of the scores.
-            if let Err(e) = insights.append(vec![alert]).await {
-                tracing::error!(error = %e, "cannot store an anomaly alert");
-            }
-        }
+        observer.anomalies(&req.model, &req.readings, &scores).await;
     }
     timer.ok();
     Ok(Json(AnomalyResponse {
