@@ -1009,8 +1009,9 @@ async fn macro_chat(
         return Ok(fall_back(r, rec, fallback, &e, stream, include_usage).await);
     }
     audit(r, request_id, "chat", PATH, bytes.len(), &rec).await?;
+    let fleet = rec.reasons.iter().any(|x| x.code == "fleet_data");
     if !stream {
-        return Ok(match r.client.call(PATH, &bytes).await {
+        return Ok(match r.client.call(PATH, &bytes, fleet).await {
             Ok(answer) => {
                 let tokens = usage_tokens(&answer);
                 let ms = rec.started.elapsed().as_secs_f64() * 1000.0;
@@ -1025,7 +1026,7 @@ async fn macro_chat(
             }
         });
     }
-    let mut rx = match r.client.stream(PATH, &bytes).await {
+    let mut rx = match r.client.stream(PATH, &bytes, fleet).await {
         Ok(rx) => rx,
         Err(e) => {
             r.macro_failed(&e);
@@ -1310,7 +1311,7 @@ async fn embeddings_inner(
             let sent = match r.macro_allowed() {
                 Ok(()) => {
                     audit(r, &request_id, "embedding", PATH, bytes.len(), &rec).await?;
-                    r.client.call(PATH, &bytes).await
+                    r.client.call(PATH, &bytes, false).await
                 }
                 Err(e) => Err(e),
             };

@@ -195,13 +195,30 @@ pub async fn info(_caller: MacroCaller, State(state): State<AppState>) -> Respon
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "macro",
     responses((status = 200, description = "An OpenAI chat completion or an event stream of chunks"),
               (status = 503, description = "No macro tier, or its upstream is failing")))]
-pub async fn chat(_caller: MacroCaller, State(state): State<AppState>, body: Bytes) -> Response {
+pub async fn chat(
+    _caller: MacroCaller,
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let t = match tier(&state) {
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
     let Some(model) = t.info.chat_model.clone() else {
         return no_model("chat");
+    };
+    // A question that needs fleet-wide data gets the fleet's figures.
+    let fleet = headers
+        .get(protocol::route::CONTEXT_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"fleet");
+    let body = if fleet {
+        match with_fleet_context(&state, &body).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        }
+    } else {
+        body
     };
     match &t.backend {
         Backend::Local(inference) => {
@@ -258,6 +275,59 @@ pub async fn embeddings(
         }
         Backend::Upstream(up) => up.forward("/embeddings", &body, &model).await,
     }
+}
+
+/// How far back the fleet context of a question reaches.
+const FLEET_CONTEXT_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Puts a system message with the fleet's insight figures (last 7 days,
+/// per site, kind and series) before the request's messages.
+async fn with_fleet_context(state: &AppState, body: &[u8]) -> Result<Bytes, ApiError> {
+    let mut value: Value = parse(body)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let rows = state
+        .store()
+        .insight_summary(now - FLEET_CONTEXT_MS, now + 60_000, 40)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "fleet_data_unavailable",
+                format!("cannot read the fleet's insights: {e}"),
+            )
+        })?;
+    let mut context = String::from(
+        "You answer questions about a fleet of edge devices, using the hub's figures \
+         below: insights the devices reported over the last 7 days, per site, as \
+         kind/series: number of insights (sum of their values). Answer from these \
+         figures only, briefly; if they do not cover the question, say so.\n",
+    );
+    if rows.is_empty() {
+        context.push_str("(no insights in the last 7 days)\n");
+    }
+    // Fleet-wide totals first: a small model adds up poorly.
+    let mut totals: std::collections::BTreeMap<(String, String), (u64, f64)> = Default::default();
+    for (_, kind, series, count, sum) in &rows {
+        let t = totals.entry((kind.clone(), series.clone())).or_default();
+        t.0 += count;
+        t.1 += sum;
+    }
+    let sites: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    context.push_str(&format!("Whole fleet ({} sites):\n", sites.len()));
+    for ((kind, series), (count, sum)) in &totals {
+        context.push_str(&format!(
+            "  all sites: {kind}/{series}: {count} ({sum:.1})\n"
+        ));
+    }
+    context.push_str("Per site:\n");
+    for (site, kind, series, count, sum) in &rows {
+        context.push_str(&format!("  {site}: {kind}/{series}: {count} ({sum:.1})\n"));
+    }
+    if let Some(messages) = value.get_mut("messages").and_then(Value::as_array_mut) {
+        messages.insert(0, serde_json::json!({"role": "system", "content": context}));
+    }
+    Ok(Bytes::from(serde_json::to_vec(&value).unwrap_or_default()))
 }
 
 fn no_model(kind: &str) -> Response {

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// The response header that carries the condensed decision record.
 pub const ROUTE_HEADER: &str = "x-strata-route";
 
+/// Sent by a device to the macro tier with a question that needs
+/// fleet-wide data (`fleet`): the hub answers it with the fleet's figures.
+pub const CONTEXT_HEADER: &str = "x-strata-context";
+
 /// Request headers a caller can use instead of the body's `strata` object.
 pub const MODE_HEADER: &str = "x-strata-mode";
 /// Marks a request private (`true`/`1`).

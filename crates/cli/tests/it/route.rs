@@ -394,12 +394,14 @@ async fn a_private_request_with_the_local_model_down_is_refused() {
 
 /// A stand-in for an upstream OpenAI-compatible service whose behaviour
 /// the test switches: 0 answers 500, 1 never answers, 2 answers properly.
-async fn upstream(mode: Arc<AtomicU32>) -> String {
+/// The last request body it received is kept in `seen`.
+async fn upstream(mode: Arc<AtomicU32>, seen: Arc<std::sync::Mutex<Value>>) -> String {
     use axum::routing::post;
     let app = axum::Router::new().route(
         "/v1/chat/completions",
-        post(move |headers: axum::http::HeaderMap| {
+        post(move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| {
             let mode = Arc::clone(&mode);
+            *seen.lock().unwrap() = body;
             async move {
                 use axum::response::IntoResponse;
                 if headers.get("authorization").and_then(|v| v.to_str().ok())
@@ -433,7 +435,8 @@ async fn upstream(mode: Arc<AtomicU32>) -> String {
 #[tokio::test]
 async fn a_failing_upstream_opens_the_breaker_which_closes_again() {
     let mode = Arc::new(AtomicU32::new(0));
-    let url = upstream(Arc::clone(&mode)).await;
+    let seen = Arc::new(std::sync::Mutex::new(Value::Null));
+    let url = upstream(Arc::clone(&mode), Arc::clone(&seen)).await;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("hub.toml");
     std::fs::write(
@@ -481,6 +484,23 @@ async fn a_failing_upstream_opens_the_breaker_which_closes_again() {
     })
     .await;
     assert_eq!(answer["choices"][0]["message"]["content"], "fine");
+    assert_eq!(seen.lock().unwrap()["model"], "up-model");
+    // A fleet question reaches the model with the fleet's figures.
+    let r = hub
+        .client()
+        .post(format!("{}/v1/chat/completions", hub.url))
+        .bearer_auth(&hub.operator_token)
+        .header("x-strata-context", "fleet")
+        .json(&ask(FLEET_QUESTION, None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = seen.lock().unwrap().clone();
+    assert_eq!(body["messages"][0]["role"], "system", "{body}");
+    let context = body["messages"][0]["content"].as_str().unwrap();
+    assert!(context.contains("Whole fleet"), "{context}");
+    assert_eq!(body["messages"][1]["content"], FLEET_QUESTION);
     // A hanging upstream counts too: two timeouts open it again.
     mode.store(1, Ordering::SeqCst);
     for _ in 0..2 {

@@ -107,15 +107,24 @@ impl MacroClient {
             .map_err(|e| MacroError::Malformed(chain(&e)))
     }
 
-    /// A whole answer from `path` (`/v1/chat/completions` or
-    /// `/v1/embeddings`) to `body`.
-    pub async fn call(&self, path: &str, body: &[u8]) -> Result<Value, MacroError> {
-        let send = self
+    fn post(&self, path: &str, body: &[u8], fleet: bool) -> reqwest::RequestBuilder {
+        let request = self
             .client
             .post(self.url(path))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_vec())
-            .send();
+            .body(body.to_vec());
+        if fleet {
+            request.header(protocol::route::CONTEXT_HEADER, "fleet")
+        } else {
+            request
+        }
+    }
+
+    /// A whole answer from `path` (`/v1/chat/completions` or
+    /// `/v1/embeddings`) to `body`; `fleet` asks the hub to answer with the
+    /// fleet's figures.
+    pub async fn call(&self, path: &str, body: &[u8], fleet: bool) -> Result<Value, MacroError> {
+        let send = self.post(path, body, fleet).send();
         let answer = async {
             let response = check(send.await.map_err(|e| unreachable(&e))?).await?;
             let bytes = response.bytes().await.map_err(|e| unreachable(&e))?;
@@ -136,13 +145,11 @@ impl MacroClient {
         &self,
         path: &str,
         body: &[u8],
+        fleet: bool,
     ) -> Result<mpsc::Receiver<Result<StreamItem, MacroError>>, MacroError> {
         let send = self
-            .client
-            .post(self.url(path))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .post(path, body, fleet)
             .header(reqwest::header::ACCEPT, "text/event-stream")
-            .body(body.to_vec())
             .send();
         let response = tokio::time::timeout(self.timeout, send)
             .await

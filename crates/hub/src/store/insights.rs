@@ -246,6 +246,34 @@ impl Store {
         .await
     }
 
+    /// Per site, kind and series: the number of insights in the time range
+    /// and the sum of their values, most frequent first (at most `limit`).
+    pub async fn insight_summary(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, String, String, u64, f64)>, Error> {
+        self.call(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT coalesce(site, '(no site)'), kind, series, count(*), total(value)
+                 FROM insights WHERE start_ms >= ?1 AND start_ms < ?2
+                 GROUP BY 1, kind, series ORDER BY count(*) DESC, 1, kind, series LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(params![from_ms, to_ms, limit], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get::<_, i64>(3)? as u64,
+                    r.get(4)?,
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// Number of insights stored.
     pub async fn insight_count(&self) -> Result<u64, Error> {
         self.call(|c| {
