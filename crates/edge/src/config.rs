@@ -409,12 +409,27 @@ mod tests {
         assert_eq!(config.catalogue.entries.len(), 4);
         assert_eq!(config.max_queued, 16);
         assert_eq!(config.reconnect_max, Duration::from_secs(5));
+        assert_eq!(config.router.chat_model.as_deref(), Some("smollm2"));
+        assert_eq!(config.router.macro_timeout, Duration::from_secs(60));
+        // The policy file it names is the documented example, which parses.
+        let policy = include_str!("../../../docs/examples/policy.toml");
+        assert!(router::Policy::from_toml(policy).is_ok());
     }
 
     #[test]
     fn bad_configs_name_the_field() {
         let cases = [
             ("colour = 1", "unknown field `colour`"),
+            ("[router]\nmacro_timeout_ms = 5", "router.macro_timeout_ms"),
+            (
+                "[router]\nstream_idle_timeout_ms = 0",
+                "router.stream_idle_timeout_ms",
+            ),
+            (
+                "[router]\ndefault_max_tokens = 0",
+                "router.default_max_tokens",
+            ),
+            ("[router]\npolicy = \"x\"", "unknown field `policy`"),
             ("[hub]\nheartbeat = 3", "unknown field `heartbeat`"),
             (
                 "[hub]\nheartbeat_interval_secs = 0",

@@ -1339,3 +1339,121 @@ async fn embeddings_inner(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn options_come_from_the_body_then_the_headers() {
+        let o = options(
+            &headers(&[
+                (MODE_HEADER, "only_local"),
+                (PRIVATE_HEADER, "true"),
+                (APP_HEADER, "kiosk"),
+                (LATENCY_BUDGET_HEADER, "250"),
+            ]),
+            Some(RouteOptions {
+                mode: Some("prefer_macro".into()),
+                ..RouteOptions::default()
+            }),
+        )
+        .unwrap();
+        assert_eq!(o.mode, Some(Mode::PreferMacro));
+        assert!(o.private);
+        assert_eq!(o.app.as_deref(), Some("kiosk"));
+        assert_eq!(o.latency_budget_ms, Some(250));
+        // The body's explicit `private: false` wins over the header.
+        let o = options(
+            &headers(&[(PRIVATE_HEADER, "1")]),
+            Some(RouteOptions {
+                private: Some(false),
+                ..RouteOptions::default()
+            }),
+        )
+        .unwrap();
+        assert!(!o.private);
+        assert!(options(&HeaderMap::new(), None).unwrap().mode.is_none());
+    }
+
+    #[test]
+    fn bad_options_are_client_errors_naming_the_field() {
+        for (h, param) in [
+            ((MODE_HEADER, "sometimes"), "strata.mode"),
+            ((PRIVATE_HEADER, "perhaps"), "x-strata-private"),
+            (
+                (LATENCY_BUDGET_HEADER, "fast"),
+                "x-strata-latency-budget-ms",
+            ),
+        ] {
+            let e = options(&headers(&[h]), None).unwrap_err();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(e.detail().param.as_deref(), Some(param));
+        }
+    }
+
+    #[test]
+    fn the_record_joins_the_strata_object_of_a_body() {
+        let mut body = serde_json::json!({"id": "x", "strata": {"prefill_ms": 3.0}});
+        let record = RouteRecord {
+            tier: "macro".into(),
+            policy_version: "p1".into(),
+            ..RouteRecord::default()
+        };
+        stamp(&mut body, &record);
+        assert_eq!(body["strata"]["prefill_ms"], 3.0);
+        assert_eq!(body["strata"]["tier"], "macro");
+        assert_eq!(body["strata"]["policy_version"], "p1");
+        let mut bare = serde_json::json!({"id": "y"});
+        stamp(&mut bare, &record);
+        assert_eq!(bare["strata"]["tier"], "macro");
+    }
+
+    #[test]
+    fn requests_name_a_local_model_auto_or_the_macro_model() {
+        let info = MacroInfo {
+            chat_model: Some("qwen".into()),
+            embedding_model: None,
+            context_tokens: 4096,
+            supports_tools: false,
+            backend: "local".into(),
+        };
+        let default = Some("smollm2".to_owned());
+        assert_eq!(
+            local_model("auto", default.as_ref(), None).as_deref(),
+            Some("smollm2")
+        );
+        assert_eq!(
+            local_model("qwen", default.as_ref(), Some(&info)).as_deref(),
+            Some("smollm2")
+        );
+        assert_eq!(
+            local_model("other", default.as_ref(), Some(&info)).as_deref(),
+            Some("other")
+        );
+        assert_eq!(local_model("auto", None, None), None);
+    }
+
+    #[test]
+    fn the_macro_tier_gets_its_model_and_no_strata_options() {
+        let req: ChatCompletionRequest = serde_json::from_value(serde_json::json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "hi"}],
+            "strata": {"mode": "prefer_macro"},
+        }))
+        .unwrap();
+        let body = macro_body(&req, Some("qwen"), true);
+        assert_eq!(body["model"], "qwen");
+        assert!(body.get("strata").is_none());
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert!(body.get("temperature").is_none(), "nulls are dropped");
+    }
+}

@@ -332,6 +332,11 @@ mod tests {
         let text = include_str!("../../../docs/examples/hub.toml");
         let config = RawConfig::from_toml(text).unwrap().validate().unwrap();
         assert_eq!(config.listen.port(), 7443);
+        assert_eq!(
+            config.macro_tier.chat_model.as_deref(),
+            Some("qwen2.5-coder-0.5b")
+        );
+        assert_eq!(config.macro_tier.catalogue.entries.len(), 2);
     }
 
     #[test]
@@ -346,6 +351,24 @@ mod tests {
             ),
             ("listen = \"nowhere\"", "listen"),
             ("rollout_interval_ms = 1", "rollout_interval_ms"),
+            (
+                "[macro]\nupstream_url = \"ftp://x\"\nupstream_chat_model = \"m\"",
+                "macro.upstream_url",
+            ),
+            (
+                "[macro]\nupstream_url = \"https://x/v1\"",
+                "upstream_chat_model",
+            ),
+            (
+                "[macro]\nupstream_url = \"https://x/v1\"\nupstream_chat_model = \"m\"\nupstream_timeout_ms = 1",
+                "macro.upstream_timeout_ms",
+            ),
+            (
+                "[macro]\nupstream_url = \"https://x/v1\"\nupstream_chat_model = \"m\"\nbreaker_failures = 0",
+                "macro.breaker_failures",
+            ),
+            ("[macro]\nchat_model = \"nope\"", "macro.chat_model"),
+            ("[macro]\ncolour = 1", "unknown field `colour`"),
         ];
         for (text, needle) in cases {
             let err = RawConfig::from_toml(text)

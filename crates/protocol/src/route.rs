@@ -143,3 +143,34 @@ pub struct MacroInfo {
     /// OpenAI-compatible service).
     pub backend: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_condenses_the_record() {
+        let record = RouteRecord {
+            tier: "macro".into(),
+            model: Some("qwen".into()),
+            version: Some("3".into()),
+            reasons: vec![
+                RouteReason {
+                    code: "mode".into(),
+                    message: "m".into(),
+                },
+                RouteReason {
+                    code: "fleet_data".into(),
+                    message: "f".into(),
+                },
+            ],
+            policy_version: "builtin-1".into(),
+            escalated: true,
+            ..RouteRecord::default()
+        };
+        assert_eq!(
+            record.header_value(),
+            "tier=macro; model=qwen@3; reasons=mode,fleet_data; policy=builtin-1; escalated"
+        );
+    }
+}

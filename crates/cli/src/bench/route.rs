@@ -9,8 +9,9 @@
 //! under its default policy. The random baseline sends the same share of
 //! prompts to the macro tier as the router did, chosen at random (averaged
 //! over many draws). Quality is the cosine similarity of an answer's
-//! MiniLM embedding to the macro answer's; privacy violations are prompts
-//! with personal data answered by the macro tier.
+//! MiniLM embedding to the macro answer's (for fleet questions, the macro
+//! answer given the fleet's figures, as the router asks for it); privacy
+//! violations are prompts with personal data answered by the macro tier.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -171,9 +172,13 @@ async fn bench(
     let mut rows = Vec::with_capacity(prompts.len());
     for p in prompts {
         let t = Instant::now();
-        let reference: Value = fleet
-            .client
-            .post(&hub_chat)
+        // The reference is the best macro answer: a fleet question gets
+        // the fleet's figures, as the router's escalation does.
+        let mut reference = fleet.client.post(&hub_chat);
+        if p.class == Class::Fleet {
+            reference = reference.header(protocol::route::CONTEXT_HEADER, "fleet");
+        }
+        let reference: Value = reference
             .timeout(Duration::from_secs(600))
             .bearer_auth(&fleet.operator_token)
             .json(&body(&p.text, &macro_model, None))

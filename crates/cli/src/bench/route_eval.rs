@@ -312,10 +312,16 @@ pub(crate) fn build(assets: &Path, per_class: usize, seed: u64) -> anyhow::Resul
     // The intent head's held-out split (train-intents' default 20 %).
     let (_, held_out) = ha.split(0.2);
     let commands: Vec<String> = held_out.iter().map(|e| e.text.clone()).collect();
+    // More draws per template than training takes; the held-out split is
+    // by a hash of the text, so none of these was trained on.
     let fleet = runtime::intents::expand(
         runtime::intents::FLEET_INTENTS_JSON,
         Path::new("fleet-intents.json"),
-        &options,
+        &runtime::intents::ExpansionOptions {
+            per_template: 24,
+            per_intent: None,
+            ..options.clone()
+        },
     )?;
     let (_, fleet_held_out) = fleet.split(0.2);
     let fleet: Vec<String> = fleet_held_out.iter().map(|e| e.text.clone()).collect();
