@@ -117,6 +117,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         hub_url: enrolment.hub_url.clone(),
         status: Arc::clone(&status),
         audit_path: dir.root().join("audit.log"),
+        state: state.clone(),
     })?;
     let app = router(
         LocalState {

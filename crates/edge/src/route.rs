@@ -73,6 +73,7 @@ pub struct Routing {
     live: Mutex<Live>,
     audit: AuditLog,
     status: Arc<Status>,
+    state: crate::state::State,
     origin: Instant,
 }
 
@@ -130,6 +131,8 @@ pub struct RoutingParts {
     pub status: Arc<Status>,
     /// The audit log's path.
     pub audit_path: std::path::PathBuf,
+    /// The agent's database (the day's macro spend survives restarts).
+    pub state: crate::state::State,
 }
 
 fn first_of(catalogue: &runtime::Catalogue, kind: runtime::ModelKind) -> Option<String> {
@@ -167,6 +170,8 @@ impl Routing {
             .clone()
             .or_else(|| first_of(&parts.catalogue, runtime::ModelKind::Classifier));
         let breaker = Breaker::new(policy.policy().breaker);
+        let today = day_of(time::OffsetDateTime::now_utc());
+        let spent_usd = parts.state.macro_spend(today)?;
         Ok(Arc::new(Self {
             client: MacroClient::new(
                 parts.client,
@@ -185,11 +190,12 @@ impl Routing {
                 breaker,
                 local_latency: LatencyModel::default(),
                 macro_latency: LatencyModel::default(),
-                spend_day: day_of(time::OffsetDateTime::now_utc()),
-                spent_usd: 0.0,
+                spend_day: today,
+                spent_usd,
             }),
             audit,
             status: parts.status,
+            state: parts.state,
             origin: Instant::now(),
         }))
     }
@@ -295,10 +301,21 @@ impl Routing {
             tokens.prompt + tokens.completion,
         );
         let now = self.now_ms();
-        let mut live = self.live();
-        live.breaker.record_success(now);
-        live.macro_latency.observe(ms, tokens.completion, ms);
-        live.spent_usd += cost;
+        let day = {
+            let mut live = self.live();
+            live.breaker.record_success(now);
+            live.macro_latency.observe(ms, tokens.completion, ms);
+            live.spent_usd += cost;
+            live.spend_day
+        };
+        // The day's spend is kept in the agent's database, off the
+        // executor (an fsync'd write).
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = state.add_macro_spend(day, cost) {
+                tracing::error!(error = %e, "cannot record the macro spend");
+            }
+        });
         cost
     }
 

@@ -51,6 +51,14 @@ const MIGRATIONS: &[&str] = &[
         updated_at         INTEGER NOT NULL
     ) STRICT;
 "#,
+    // Money spent on the macro tier per UTC day (days since the epoch),
+    // so that the daily budget holds across restarts.
+    r#"
+    CREATE TABLE macro_spend (
+        day INTEGER PRIMARY KEY,
+        usd REAL NOT NULL
+    ) STRICT;
+"#,
 ];
 
 /// Paths in the agent's data directory.
@@ -365,6 +373,35 @@ impl State {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Adds `usd` to the macro spend of `day` (days since the epoch, UTC)
+    /// and returns the day's total.
+    pub fn add_macro_spend(&self, day: i64, usd: f64) -> Result<f64, Error> {
+        let conn = self.lock()?;
+        conn.execute(
+            "INSERT INTO macro_spend (day, usd) VALUES (?1, ?2)
+             ON CONFLICT (day) DO UPDATE SET usd = usd + excluded.usd",
+            params![day, usd],
+        )?;
+        Ok(conn.query_row(
+            "SELECT usd FROM macro_spend WHERE day = ?1",
+            params![day],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// The macro spend of `day` so far.
+    pub fn macro_spend(&self, day: i64) -> Result<f64, Error> {
+        Ok(self
+            .lock()?
+            .query_row(
+                "SELECT usd FROM macro_spend WHERE day = ?1",
+                params![day],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0.0))
+    }
+
     /// Notes that the hub has the report numbered `seq` of a rollout.
     pub fn report_sent(&self, rollout_id: &str, seq: u64) -> Result<(), Error> {
         self.lock()?.execute(
@@ -378,6 +415,21 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macro_spend_adds_up_per_day_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let state = State::open(&path).unwrap();
+        assert_eq!(state.macro_spend(20_000).unwrap(), 0.0);
+        state.add_macro_spend(20_000, 0.25).unwrap();
+        assert_eq!(state.add_macro_spend(20_000, 0.5).unwrap(), 0.75);
+        state.add_macro_spend(20_001, 1.0).unwrap();
+        drop(state);
+        let state = State::open(&path).unwrap();
+        assert_eq!(state.macro_spend(20_000).unwrap(), 0.75);
+        assert_eq!(state.macro_spend(20_001).unwrap(), 1.0);
+    }
     use protocol::DeviceMessage;
 
     #[test]

@@ -511,3 +511,64 @@ async fn a_failing_upstream_opens_the_breaker_which_closes_again() {
     let (status, _, _) = call().await;
     assert_eq!(status, 503);
 }
+
+#[tokio::test]
+async fn unsure_answers_escalate_once_and_the_daily_budget_caps_the_macro_tier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start_with(tmp.path(), Some(&macro_hub_config(tmp.path())), &[]).await;
+    // Every local answer counts as unsure; a macro token costs $0.001 and
+    // the day's budget is $0.04: the router lets a request go only when
+    // the budget covers its estimate (prompt plus max_tokens, about
+    // $0.03 here), which the first escalation leaves it unable to.
+    let policy = tmp.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "version = \"test-7\"\n[confidence]\nmin_mean_logprob = -0.0001\n[cost]\nmacro_usd_per_1k_tokens = 1.0\ndaily_budget_usd = 0.04\n",
+    )
+    .unwrap();
+    let cfg = edge_config(
+        tmp.path(),
+        &smollm2(),
+        &format!(
+            "[router]\npolicy_file = {:?}\n",
+            policy.display().to_string()
+        ),
+    );
+    let mut agent = Agent::enrol_with_config(&hub, tmp.path().join("agent"), &cfg).await;
+    wait_macro_known(&agent).await;
+
+    let (status, body, header) = chat(&agent, ask("Name a colour of the sky.", None), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["strata"]["tier"], "macro", "{body}");
+    assert_eq!(body["strata"]["escalated"], true);
+    assert_eq!(body["strata"]["policy_version"], "test-7");
+    assert!(
+        codes(&body).contains(&"low_confidence".to_owned()),
+        "{body}"
+    );
+    assert!(header.contains("escalated"), "{header}");
+    let spent = body["strata"]["cost_usd"].as_f64().unwrap();
+    assert!(spent > 0.015, "{body}");
+
+    // The budget is spent: the next unsure answer stays local, and a
+    // question only the hub can answer is refused with 429.
+    let (status, body, _) = chat(&agent, ask("Name a colour of grass.", None), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["strata"]["tier"], "local", "{body}");
+    assert_eq!(body["strata"]["escalated"], false);
+    let (status, body, _) = chat(&agent, ask(FLEET_QUESTION, None), &[]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(codes(&body).contains(&"cost_budget".to_owned()), "{body}");
+
+    // The day's spend survives a restart of the agent.
+    agent.kill();
+    let agent = Agent::start_with(tmp.path().join("agent"), Some(&cfg)).await;
+    wait_macro_known(&agent).await;
+    let status = router_status(&agent).await.unwrap();
+    assert!(
+        status["spent_today_usd"].as_f64().unwrap() >= spent,
+        "{status}"
+    );
+    let (status, body, _) = chat(&agent, ask(FLEET_QUESTION, None), &[]).await;
+    assert_eq!(status, 429, "{body}");
+}
