@@ -215,13 +215,24 @@ impl Routing {
     pub async fn refresh_loop(self: Arc<Self>) {
         loop {
             if self.status.is_connected() {
-                match self.client.info().await {
+                let known = match self.client.info().await {
                     Ok(info) => {
                         *self.info.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+                        true
                     }
-                    Err(e) => tracing::debug!(error = %e, "cannot read the macro tier's offer"),
-                }
-                tokio::time::sleep(INFO_REFRESH).await;
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read the macro tier's offer");
+                        self.macro_info().is_some()
+                    }
+                };
+                // Until the offer is known (a hub still loading its macro
+                // model answers 503), ask again soon.
+                tokio::time::sleep(if known {
+                    INFO_REFRESH
+                } else {
+                    Duration::from_secs(1)
+                })
+                .await;
             } else {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

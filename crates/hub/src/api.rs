@@ -62,7 +62,10 @@ struct Shared {
     metrics: HubMetrics,
     registry: Arc<Registry>,
     rollout_wake: Arc<tokio::sync::Notify>,
-    macro_tier: Option<Arc<crate::macro_tier::MacroTier>>,
+    /// Set once the macro tier's models have loaded (in the background,
+    /// so that a large model does not hold the hub's start up).
+    macro_tier: std::sync::OnceLock<Arc<crate::macro_tier::MacroTier>>,
+    macro_configured: bool,
 }
 
 impl std::fmt::Debug for AppState {
@@ -82,7 +85,7 @@ impl AppState {
         hub_url: String,
         metrics: HubMetrics,
         registry: Arc<Registry>,
-        macro_tier: Option<Arc<crate::macro_tier::MacroTier>>,
+        macro_configured: bool,
     ) -> Self {
         Self {
             inner: Arc::new(Shared {
@@ -94,7 +97,8 @@ impl AppState {
                 metrics,
                 registry,
                 rollout_wake: Arc::default(),
-                macro_tier,
+                macro_tier: std::sync::OnceLock::new(),
+                macro_configured,
             }),
         }
     }
@@ -126,7 +130,17 @@ impl AppState {
 
     /// The macro tier, if the hub has one.
     pub fn macro_tier(&self) -> Option<Arc<crate::macro_tier::MacroTier>> {
-        self.inner.macro_tier.clone()
+        self.inner.macro_tier.get().cloned()
+    }
+
+    /// Whether the configuration asks for a macro tier (loaded or not yet).
+    pub fn macro_configured(&self) -> bool {
+        self.inner.macro_configured
+    }
+
+    /// Serves `tier` from now on (once).
+    pub fn set_macro_tier(&self, tier: Arc<crate::macro_tier::MacroTier>) {
+        let _ = self.inner.macro_tier.set(tier);
     }
 
     /// Wakes the rollout controller (a report or an operator action).

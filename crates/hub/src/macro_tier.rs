@@ -159,6 +159,15 @@ impl FromRequestParts<AppState> for MacroCaller {
 
 fn tier(state: &AppState) -> Result<Arc<MacroTier>, ApiError> {
     state.macro_tier().ok_or_else(|| {
+        if state.macro_configured() {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "macro_loading",
+                "the macro tier is still loading its models",
+            )
+            .retry_after(1);
+        }
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "service_unavailable",

@@ -218,7 +218,9 @@ pub async fn start(config: Config) -> Result<RunningHub, Error> {
 
     let (metrics, registry) = HubMetrics::new();
     let ca_fingerprint = ca.fingerprint();
-    let macro_tier = crate::macro_tier::MacroTier::start(&config.macro_tier).await?;
+    let macro_config = config.macro_tier.clone();
+    let macro_configured =
+        !macro_config.catalogue.entries.is_empty() || macro_config.upstream.is_some();
     let state = AppState::new(
         store,
         ca,
@@ -226,8 +228,20 @@ pub async fn start(config: Config) -> Result<RunningHub, Error> {
         url.clone(),
         metrics,
         registry,
-        macro_tier,
+        macro_configured,
     );
+    if macro_configured {
+        // Loading a macro model takes seconds; the hub serves meanwhile
+        // and its macro routes answer 503 until the tier is ready.
+        let loading = state.clone();
+        tokio::spawn(async move {
+            match crate::macro_tier::MacroTier::start(&macro_config).await {
+                Ok(Some(tier)) => loading.set_macro_tier(tier),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "the macro tier failed to start"),
+            }
+        });
+    }
     let app = crate::api::router(state.clone());
     let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), app));
     tokio::spawn(crate::rollouts::controller(state.clone()));

@@ -36,7 +36,9 @@
 //!    other tier (and no cascade).
 //! 7. **Preference**. `prefer_macro`: macro, with a local fallback should the
 //!    macro call fail. `prefer_local`: local, with a [`Cascade`] when the
-//!    policy enables it. Embeddings never cascade and never fall back, since
+//!    policy enables it, except for a device command (a `local_intents`
+//!    label with at least `min_intent_margin`), which the device handles
+//!    and the macro model could not act on either. Embeddings never cascade and never fall back, since
 //!    vectors from two different models do not mix.
 //!
 //! Every `prefer_*` decision from step 4 on has a tier that can serve the
@@ -331,6 +333,14 @@ pub enum Reason {
         /// The intent model's margin.
         margin: f32,
     },
+    /// The intent model reads the request as a device command the device
+    /// handles itself.
+    LocalIntent {
+        /// The intent label.
+        intent: String,
+        /// The intent model's margin.
+        margin: f32,
+    },
     /// The agent's link to the hub is down.
     HubUnreachable,
     /// The macro tier's circuit breaker is open.
@@ -390,6 +400,7 @@ impl Reason {
             Reason::ContextTooLong { .. } => "context_too_long",
             Reason::NeedsTools { .. } => "needs_tools",
             Reason::FleetData { .. } => "fleet_data",
+            Reason::LocalIntent { .. } => "local_intent",
             Reason::HubUnreachable => "hub_unreachable",
             Reason::BreakerOpen { .. } => "breaker_open",
             Reason::TierUnavailable { .. } => "tier_unavailable",
@@ -431,6 +442,10 @@ impl fmt::Display for Reason {
             Reason::FleetData { intent, margin } => write!(
                 f,
                 "intent {intent:?} (margin {margin:.2}) needs fleet-wide data"
+            ),
+            Reason::LocalIntent { intent, margin } => write!(
+                f,
+                "intent {intent:?} (margin {margin:.2}) is a device command, served here"
             ),
             Reason::HubUnreachable => f.write_str("the hub is unreachable"),
             Reason::BreakerOpen { retry_in_ms } => write!(
@@ -676,6 +691,16 @@ impl<'r, 'p> Context<'r, 'p> {
         })
     }
 
+    fn local_intent(&self) -> Option<Reason> {
+        let intent = self.req.intent?;
+        let capability = &self.policy.capability;
+        (capability.is_local_intent(intent.label) && intent.margin >= capability.min_intent_margin)
+            .then(|| Reason::LocalIntent {
+                intent: intent.label.to_owned(),
+                margin: intent.margin,
+            })
+    }
+
     fn embedding(&self) -> bool {
         self.req.kind == Kind::Embedding
     }
@@ -821,15 +846,24 @@ pub fn decide(req: &Request<'_>, policy: &CompiledPolicy, state: &LiveState) -> 
         };
     }
 
-    // 7. Preference.
+    // 7. Preference. A device command stays here without the cascade.
     match preferred {
         Tier::Macro => Decision::Macro {
             reasons,
             fallback_local: !cx.embedding(),
         },
-        Tier::Local => Decision::Local {
-            reasons,
-            cascade: cx.cascade(),
+        Tier::Local => match cx.local_intent() {
+            Some(reason) => {
+                reasons.push(reason);
+                Decision::Local {
+                    reasons,
+                    cascade: None,
+                }
+            }
+            None => Decision::Local {
+                reasons,
+                cascade: cx.cascade(),
+            },
         },
     }
 }

@@ -241,9 +241,27 @@ pub struct CapabilityPolicy {
     /// Labels of the local intent model that mean "this question needs
     /// fleet-wide data" (default `["StrataFleetQuery"]`).
     pub fleet_intents: Vec<String>,
-    /// A fleet intent counts only when the intent model's margin is at least
-    /// this (between 0 and 1; default 0.3).
+    /// A fleet or local intent counts only when the intent model's margin
+    /// is at least this (between 0 and 1; default 0.3).
     pub min_intent_margin: f32,
+    /// Labels of the local intent model that the device handles itself
+    /// (device commands): a request read as one of them is answered on the
+    /// device without the cascade, since the macro model cannot act on a
+    /// device either. A trailing `*` matches a prefix (default `["Hass*"]`,
+    /// the Home Assistant intents).
+    pub local_intents: Vec<String>,
+}
+
+impl CapabilityPolicy {
+    /// Whether `label` is one of [`local_intents`](Self::local_intents).
+    pub fn is_local_intent(&self, label: &str) -> bool {
+        self.local_intents
+            .iter()
+            .any(|p| match p.strip_suffix('*') {
+                Some(prefix) => label.starts_with(prefix),
+                None => p == label,
+            })
+    }
 }
 
 impl Default for CapabilityPolicy {
@@ -251,6 +269,7 @@ impl Default for CapabilityPolicy {
         CapabilityPolicy {
             fleet_intents: vec!["StrataFleetQuery".to_owned()],
             min_intent_margin: 0.3,
+            local_intents: vec!["Hass*".to_owned()],
         }
     }
 }
@@ -447,6 +466,14 @@ impl Policy {
             "policy.capability.min_intent_margin",
             self.capability.min_intent_margin,
         )?;
+        for (i, label) in self.capability.local_intents.iter().enumerate() {
+            if label.is_empty() || label == "*" {
+                return Err(invalid(
+                    format!("policy.capability.local_intents[{i}]"),
+                    "must name a label or a prefix followed by *",
+                ));
+            }
+        }
         for (i, label) in self.capability.fleet_intents.iter().enumerate() {
             if label.is_empty() {
                 return Err(invalid(
@@ -759,5 +786,20 @@ mod tests {
         let mut p = Policy::default();
         p.confidence.min_margin = f32::NAN;
         assert!(CompiledPolicy::new(p).is_err());
+    }
+
+    #[test]
+    fn local_intents_match_labels_and_prefixes() {
+        let c = CapabilityPolicy {
+            local_intents: vec!["Hass*".into(), "GetTime".into()],
+            ..CapabilityPolicy::default()
+        };
+        assert!(c.is_local_intent("HassTurnOn"));
+        assert!(c.is_local_intent("GetTime"));
+        assert!(!c.is_local_intent("GetTimer"));
+        assert!(!c.is_local_intent("StrataFleetQuery"));
+        let bad = "version = \"x\"\n[capability]\nlocal_intents = [\"*\"]\n";
+        let e = Policy::from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains("policy.capability.local_intents[0]"), "{e}");
     }
 }

@@ -196,6 +196,12 @@ async fn private_data_stays_on_the_device_and_fleet_questions_go_to_the_hub() {
         "{audit:?}"
     );
 
+    // A device command is the device's own business: local, no cascade.
+    let (status, body, _) = chat(agent, ask("turn on the lights in the kitchen", None), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["strata"]["tier"], "local", "{body}");
+    assert!(codes(&body).contains(&"local_intent".to_owned()), "{body}");
+
     // Personal data never leaves, whatever the caller prefers.
     for mode in ["prefer_macro", "prefer_local"] {
         let (status, body, header) = chat(agent, ask(PRIVATE_PROMPT, Some(mode)), &[]).await;
@@ -516,14 +522,15 @@ async fn a_failing_upstream_opens_the_breaker_which_closes_again() {
 async fn unsure_answers_escalate_once_and_the_daily_budget_caps_the_macro_tier() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = Hub::start_with(tmp.path(), Some(&macro_hub_config(tmp.path())), &[]).await;
-    // Every local answer counts as unsure; a macro token costs $0.001 and
+    // Every local answer counts as unsure (and no intent is a device
+    // command that would stay here); a macro token costs $0.001 and
     // the day's budget is $0.04: the router lets a request go only when
     // the budget covers its estimate (prompt plus max_tokens, about
     // $0.03 here), which the first escalation leaves it unable to.
     let policy = tmp.path().join("policy.toml");
     std::fs::write(
         &policy,
-        "version = \"test-7\"\n[confidence]\nmin_mean_logprob = -0.0001\n[cost]\nmacro_usd_per_1k_tokens = 1.0\ndaily_budget_usd = 0.04\n",
+        "version = \"test-7\"\n[confidence]\nmin_mean_logprob = -0.0001\n[capability]\nlocal_intents = []\n[cost]\nmacro_usd_per_1k_tokens = 1.0\ndaily_budget_usd = 0.04\n",
     )
     .unwrap();
     let cfg = edge_config(
