@@ -23,7 +23,7 @@ use netfault::FaultProxy;
 use crate::output::out;
 
 mod rollout_act;
-mod route_act;
+pub(crate) mod route_act;
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {

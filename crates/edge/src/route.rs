@@ -354,6 +354,34 @@ impl Routing {
         }
     }
 
+    /// Decides (timing the router, privacy classification included) and
+    /// starts the request's decision record.
+    fn decide(
+        &self,
+        features: &Features<'_>,
+        state: &LiveState,
+        started: Instant,
+    ) -> (Decision, Recorder) {
+        let t0 = Instant::now();
+        let decision = router::decide(features, &self.policy, state);
+        let decision_us = t0.elapsed().as_secs_f64() * 1e6;
+        self.status.metrics().route.decision_us.observe(decision_us);
+        let rec = Recorder {
+            started,
+            policy_version: self.policy.policy().version.clone(),
+            data_classes: decision
+                .data_classes()
+                .iter()
+                .map(|c| c.name().into_owned())
+                .collect(),
+            decision_us,
+            reasons: reasons_of(&decision),
+            escalated: false,
+            fell_back: false,
+        };
+        (decision, rec)
+    }
+
     /// Classifies `text` with the intent model, if one is loaded.
     async fn intent_of(&self, text: &str) -> Option<(String, f32)> {
         let id = self.intent_model.as_ref()?;
@@ -832,23 +860,7 @@ async fn chat_inner(
         }),
         latency_budget_ms: opts.latency_budget_ms,
     };
-    let t0 = Instant::now();
-    let decision = router::decide(&features, &r.policy, &state);
-    let decision_us = t0.elapsed().as_secs_f64() * 1e6;
-    r.status.metrics().route.decision_us.observe(decision_us);
-    let mut rec = Recorder {
-        started,
-        policy_version: r.policy.policy().version.clone(),
-        data_classes: decision
-            .data_classes()
-            .iter()
-            .map(|c| c.name().into_owned())
-            .collect(),
-        decision_us,
-        reasons: reasons_of(&decision),
-        escalated: false,
-        fell_back: false,
-    };
+    let (decision, mut rec) = r.decide(&features, &state, started);
     let macro_model = info.as_ref().and_then(|i| i.chat_model.clone());
 
     match &decision {
@@ -1170,22 +1182,7 @@ async fn completions(
         intent: None,
         latency_budget_ms: opts.latency_budget_ms,
     };
-    let t0 = Instant::now();
-    let decision = router::decide(&features, &r.policy, &state);
-    let decision_us = t0.elapsed().as_secs_f64() * 1e6;
-    let rec = Recorder {
-        started,
-        policy_version: r.policy.policy().version.clone(),
-        data_classes: decision
-            .data_classes()
-            .iter()
-            .map(|c| c.name().into_owned())
-            .collect(),
-        decision_us,
-        reasons: reasons_of(&decision),
-        escalated: false,
-        fell_back: false,
-    };
+    let (decision, rec) = r.decide(&features, &state, started);
     if decision.tier() != Some(Tier::Local) || !available {
         if let Decision::Refuse { .. } = decision {
             return refusal_from(&r, &rec, &decision);
@@ -1288,22 +1285,7 @@ async fn embeddings_inner(
         intent: None,
         latency_budget_ms: opts.latency_budget_ms,
     };
-    let t0 = Instant::now();
-    let decision = router::decide(&features, &r.policy, &state);
-    let decision_us = t0.elapsed().as_secs_f64() * 1e6;
-    let mut rec = Recorder {
-        started,
-        policy_version: r.policy.policy().version.clone(),
-        data_classes: decision
-            .data_classes()
-            .iter()
-            .map(|c| c.name().into_owned())
-            .collect(),
-        decision_us,
-        reasons: reasons_of(&decision),
-        escalated: false,
-        fell_back: false,
-    };
+    let (decision, mut rec) = r.decide(&features, &state, started);
     let local_embed = |mut rec: Recorder, req: EmbeddingRequest| {
         let r = Arc::clone(r);
         let local_id = local_id.clone();

@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -130,22 +130,7 @@ async fn bench(
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let s: Value = http
-            .get(format!("{local}/v1/router"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if s["macro_tier"].is_object() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            bail!("the device did not learn the hub's macro tier");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = crate::demo::route_act::router_status_once_macro_known(&http, &local).await?;
     let macro_model = status["macro_tier"]["chat_model"]
         .as_str()
         .unwrap_or("macro")

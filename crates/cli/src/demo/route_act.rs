@@ -66,6 +66,30 @@ const CASES: &[Case] = &[
     },
 ];
 
+/// The device's `GET /v1/router`, once it knows what the hub's macro tier
+/// offers (it learns that over its link), within a minute.
+pub(crate) async fn router_status_once_macro_known(
+    client: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s: Value = client
+            .get(format!("{url}/v1/router"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if s["macro_tier"].is_object() {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("the device did not learn the hub's macro tier within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs the act on the fleet's first device.
 pub(crate) async fn run(fleet: &Fleet) -> anyhow::Result<()> {
     let Some(device) = fleet.devices.first() else {
@@ -75,23 +99,7 @@ pub(crate) async fn run(fleet: &Fleet) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()?;
-    // The device learns what the hub's macro tier offers over its link.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        let s: Value = client
-            .get(format!("{url}/v1/router"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if s["macro_tier"].is_object() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            bail!("the device did not learn the hub's macro tier within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = router_status_once_macro_known(&client, &url).await?;
     out(&format!(
         "The router on a device at {} decides where each request runs (policy {}, default {}; macro model {} on the hub):",
         device.site,
