@@ -9,7 +9,7 @@ use protocol::openai::{
     ChatCompletion, ClassifyResponse, EmbeddingResponse, EmbeddingVector, ErrorBody, ModelList,
 };
 
-use crate::support::{Agent, Hub, STRATA, assets};
+use crate::support::{Agent, Hub, assets, train_intents};
 
 fn smollm2() -> PathBuf {
     assets().join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -24,18 +24,7 @@ fn config(dir: &Path, inference: &str, models: &str) -> PathBuf {
 
 fn train_head(dir: &Path) -> PathBuf {
     let out = dir.join("intents.safetensors");
-    let run = Command::new(STRATA)
-        .args(["model", "train-intents", "--out"])
-        .arg(&out)
-        .env("STRATA_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = train_intents(&out, &[]);
     let accuracy: f64 = stdout
         .split("held-out accuracy ")
         .nth(1)

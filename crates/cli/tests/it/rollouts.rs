@@ -15,7 +15,7 @@ use std::time::Duration;
 use protocol::AgentStatus;
 use protocol::rollout::{RolloutDetail, RolloutState, UpdatePhase};
 
-use crate::support::{Agent, Hub, STRATA, assets, ok, wait_for};
+use crate::support::{Agent, Hub, STRATA, assets, ok, train_intents, wait_for};
 
 /// The classifier releases, trained once per target directory.
 struct Heads {
@@ -26,25 +26,8 @@ struct Heads {
 }
 
 fn train(out: &Path, seed: u64, health: &Path) {
-    let run = Command::new(STRATA)
-        .args([
-            "model",
-            "train-intents",
-            "--seed",
-            &seed.to_string(),
-            "--out",
-        ])
-        .arg(out)
-        .arg("--health-out")
-        .arg(health)
-        .env("STRATA_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let health = health.display().to_string();
+    train_intents(out, &["--seed", &seed.to_string(), "--health-out", &health]);
 }
 
 /// Trains the heads once per target directory (test processes share them).

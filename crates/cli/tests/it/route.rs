@@ -4,7 +4,6 @@
 //! model missing, failing upstream).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use crate::support::{Agent, Hub, STRATA, assets, built_once, wait_for};
+use crate::support::{Agent, Hub, assets, built_once, train_intents, wait_for};
 
 const EMAIL: &str = "jane.doe@example.com";
 const PRIVATE_PROMPT: &str =
@@ -30,17 +29,7 @@ fn minilm() -> PathBuf {
 /// The intent head with Strata's fleet-question intent, trained once.
 fn fleet_head() -> PathBuf {
     let dir = built_once("route-head", |dir| {
-        let run = Command::new(STRATA)
-            .args(["model", "train-intents", "--fleet-questions", "--out"])
-            .arg(dir.join("intents.safetensors"))
-            .env("STRATA_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        train_intents(&dir.join("intents.safetensors"), &["--fleet-questions"]);
     });
     dir.join("intents.safetensors")
 }

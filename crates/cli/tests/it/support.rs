@@ -21,6 +21,18 @@ pub fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Trains an intent head (`strata model train-intents --out OUT EXTRA…`),
+/// which must succeed, and returns what the command printed.
+pub fn train_intents(out: &Path, extra: &[&str]) -> String {
+    ok(&Command::new(STRATA)
+        .args(["model", "train-intents", "--out"])
+        .arg(out)
+        .args(extra)
+        .env("STRATA_LOG", "warn")
+        .output()
+        .unwrap())
+}
+
 /// Polls `probe` until it returns `Some`, failing the test after `within`.
 pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
 where
