@@ -18,10 +18,12 @@
 //! detector with river's on the shuttle stream. `strata bench insights`
 //! ([`insights`]) measures the outbox and the hub's insight store.
 //! `strata bench rollout` ([`rollout`]) rolls a release out to a simulated
-//! fleet against a real hub.
+//! fleet against a real hub. `strata bench fl-aggregate` ([`fl_aggregate`])
+//! compares the federated aggregation strategies with Flower's.
 
 mod anomaly;
 mod embed;
+mod fl_aggregate;
 mod http;
 mod insights;
 mod llm;
@@ -80,6 +82,13 @@ pub(crate) enum BenchCommand {
     /// with a real hub running Qwen2.5-Coder-0.5B and a real device.
     /// Needs the models (`scripts/fetch-assets`).
     Route(route::RouteArgs),
+    /// Federated aggregation against Flower 1.42's server-side aggregation
+    /// on the same generated updates (1,000 updates of 1,000,000 parameters
+    /// by default), in one run: time and peak memory of FedAvg, coordinate-
+    /// wise median, trimmed mean and Multi-Krum, each side in a process of
+    /// its own per strategy, and the largest difference between the two
+    /// aggregates. Needs Flower's Python environment (`scripts/build-peers`).
+    FlAggregate(fl_aggregate::FlAggregateArgs),
     /// Internal: Strata's side of the LLM benchmark, run as a child process
     /// as llama-bench is.
     #[command(hide = true)]
@@ -88,6 +97,10 @@ pub(crate) enum BenchCommand {
     /// process so that its thread pools start with the requested size.
     #[command(hide = true)]
     EmbedWorker(embed::WorkerArgs),
+    /// Internal: Strata's side of the federated aggregation benchmark, one
+    /// strategy per process so that its peak memory is that strategy's own.
+    #[command(hide = true)]
+    FlAggregateWorker(fl_aggregate::WorkerArgs),
 }
 
 /// A part of `strata bench runtime`.
@@ -179,8 +192,10 @@ pub(crate) async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Insights(args) => insights::run(args).await,
         BenchCommand::Rollout(args) => rollout::run(args).await,
         BenchCommand::Route(args) => route::run(args).await,
+        BenchCommand::FlAggregate(args) => fl_aggregate::run(args).await,
         BenchCommand::LlmWorker(args) => llm::worker(args).await,
         BenchCommand::EmbedWorker(args) => embed::worker(args).await,
+        BenchCommand::FlAggregateWorker(args) => fl_aggregate::worker(args).await,
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod bench;
 mod cmd_edge;
+mod cmd_fl;
 mod cmd_hub;
 mod cmd_insights;
 mod cmd_keys;
@@ -16,6 +17,7 @@ mod cmd_rollout;
 mod demo;
 mod operator;
 mod output;
+mod simfleet;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +57,9 @@ enum Command {
     /// Start a hub and a simulated fleet of real agents on this machine and
     /// show the fleet live.
     Demo(demo::DemoArgs),
+    /// Federated learning: simulate a fleet training together.
+    #[command(subcommand)]
+    Fl(cmd_fl::FlCommand),
     /// Measure Strata side by side with the engines the field uses.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,11 +79,11 @@ fn report(e: &anyhow::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("STRATA_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -87,7 +92,12 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // Simulated fleets enrol many devices in this process; one line per
+    // enrolment would bury the report.
+    init_logging(match cli.command {
+        Command::Fl(_) | Command::Bench(_) => "info,edge::join=warn",
+        _ => "info",
+    });
     pki::tls::install_default_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -105,6 +115,7 @@ fn main() -> ExitCode {
             Command::Keys(cmd) => cmd_keys::run(cmd).await,
             Command::Rollout(cmd) => cmd_rollout::run(cmd).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Fl(cmd) => cmd_fl::run(cmd).await,
             Command::Bench(cmd) => bench::run(cmd).await,
         }
     });

@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod federated;
 pub mod insights;
 pub mod join;
 pub mod link;

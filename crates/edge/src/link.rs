@@ -279,6 +279,9 @@ impl Link {
                 }
             }
             DeviceMessage::RollBack { .. } => {}
+            DeviceMessage::FlInvite { task_id, round } => {
+                tracing::info!(%task_id, round, "federated invitation; this agent has no local training data configured");
+            }
         }
         Ok(())
     }

@@ -66,6 +66,7 @@ struct Shared {
     /// so that a large model does not hold the hub's start up).
     macro_tier: std::sync::OnceLock<Arc<crate::macro_tier::MacroTier>>,
     macro_configured: bool,
+    coordinator: crate::federated::Coordinator,
 }
 
 impl std::fmt::Debug for AppState {
@@ -99,6 +100,7 @@ impl AppState {
                 rollout_wake: Arc::default(),
                 macro_tier: std::sync::OnceLock::new(),
                 macro_configured,
+                coordinator: crate::federated::Coordinator::default(),
             }),
         }
     }
@@ -141,6 +143,11 @@ impl AppState {
     /// Serves `tier` from now on (once).
     pub fn set_macro_tier(&self, tier: Arc<crate::macro_tier::MacroTier>) {
         let _ = self.inner.macro_tier.set(tier);
+    }
+
+    /// The federated-learning coordinator.
+    pub fn coordinator(&self) -> &crate::federated::Coordinator {
+        &self.inner.coordinator
     }
 
     /// Wakes the rollout controller (a report or an operator action).
@@ -209,6 +216,52 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/insights/aggregates", get(crate::insights::aggregates))
         .route("/v1/insights/trends", get(crate::insights::trends))
         .route("/v1/insights/forecast", get(crate::insights::forecast))
+        .route(
+            "/v1/fl/tasks",
+            post(crate::federated::create)
+                .get(crate::federated::list)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::federated::MAX_BODY_BYTES,
+                )),
+        )
+        .route("/v1/fl/tasks/{id}", get(crate::federated::show))
+        .route("/v1/fl/tasks/{id}/stop", post(crate::federated::stop))
+        .route(
+            "/v1/fl/tasks/{id}/model",
+            get(crate::federated::operator_model),
+        )
+        .route(
+            "/v1/fl/tasks/{id}/rounds/{round}",
+            get(crate::federated::round_view),
+        )
+        .route(
+            "/v1/fl/tasks/{id}/rounds/{round}/model",
+            get(crate::federated::device_model),
+        )
+        .route(
+            "/v1/fl/tasks/{id}/rounds/{round}/update",
+            post(crate::federated::post_update).layer(axum::extract::DefaultBodyLimit::max(
+                crate::federated::MAX_BODY_BYTES,
+            )),
+        )
+        .route(
+            "/v1/fl/tasks/{id}/rounds/{round}/advertise",
+            post(crate::federated::post_advertise),
+        )
+        .route(
+            "/v1/fl/tasks/{id}/rounds/{round}/shares",
+            post(crate::federated::post_shares).get(crate::federated::get_shares),
+        )
+        .route(
+            "/v1/fl/tasks/{id}/rounds/{round}/masked",
+            post(crate::federated::post_masked).layer(axum::extract::DefaultBodyLimit::max(
+                crate::federated::MAX_BODY_BYTES,
+            )),
+        )
+        .route(
+            "/v1/fl/tasks/{id}/rounds/{round}/unmask",
+            post(crate::federated::post_unmask),
+        )
         .route("/v1/macro", get(crate::macro_tier::info))
         .route("/v1/chat/completions", post(crate::macro_tier::chat))
         .route("/v1/embeddings", post(crate::macro_tier::embeddings))
@@ -659,6 +712,12 @@ pub async fn send_message(
             return Err(ApiError::bad_request(
                 "use-rollouts",
                 "install and roll back models with POST /v1/rollouts",
+            ));
+        }
+        DeviceMessage::FlInvite { .. } => {
+            return Err(ApiError::bad_request(
+                "use-fl-tasks",
+                "federated rounds invite their devices; start one with POST /v1/fl/tasks",
             ));
         }
         DeviceMessage::Ping { .. } => {}

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod events;
+pub mod federated;
 pub mod insights;
 pub mod macro_tier;
 pub mod metrics;

@@ -22,6 +22,15 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
+/// Why a federated submission was refused, or how a round ended (bounded
+/// sets, used as a label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlLabels {
+    /// Refusals: `wrong_shape`, `not_selected`, `late`, `replayed`,
+    /// `wrong_phase`, `invalid`; rounds: `aggregated`, `failed`.
+    pub reason: &'static str,
+}
+
 /// Counters and gauges the hub exports on `/metrics`.
 #[derive(Clone, Debug)]
 pub struct HubMetrics {
@@ -59,6 +68,13 @@ pub struct HubMetrics {
     pub rollouts_completed: Counter,
     /// Rollouts aborted (by an operator or a failed stage).
     pub rollouts_aborted: Counter,
+    /// Federated submissions accepted (updates, keys, shares, masked
+    /// updates, revealed shares).
+    pub fl_submissions: Counter,
+    /// Federated submissions refused, by reason.
+    pub fl_refused: Family<FlLabels, Counter>,
+    /// Federated rounds finished, by outcome.
+    pub fl_rounds: Family<FlLabels, Counter>,
 }
 
 impl HubMetrics {
@@ -83,7 +99,25 @@ impl HubMetrics {
             rollout_stages_promoted: Counter::default(),
             rollouts_completed: Counter::default(),
             rollouts_aborted: Counter::default(),
+            fl_submissions: Counter::default(),
+            fl_refused: Family::default(),
+            fl_rounds: Family::default(),
         };
+        registry.register(
+            "fl_submissions",
+            "Federated submissions accepted",
+            metrics.fl_submissions.clone(),
+        );
+        registry.register(
+            "fl_refused",
+            "Federated submissions refused, by reason",
+            metrics.fl_refused.clone(),
+        );
+        registry.register(
+            "fl_rounds",
+            "Federated rounds finished, by outcome",
+            metrics.fl_rounds.clone(),
+        );
         registry.register("enrolments", "Devices enrolled", metrics.enrolments.clone());
         registry.register(
             "enrolments_refused",

@@ -245,6 +245,7 @@ pub async fn start(config: Config) -> Result<RunningHub, Error> {
     let app = crate::api::router(state.clone());
     let task = tokio::spawn(accept_loop(listener, TlsAcceptor::from(tls), app));
     tokio::spawn(crate::rollouts::controller(state.clone()));
+    tokio::spawn(crate::federated::controller(state.clone()));
     tracing::info!(%url, %bound, ca = %ca_fingerprint, "hub listening");
     Ok(RunningHub {
         url,

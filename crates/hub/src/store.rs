@@ -21,10 +21,12 @@ use time::OffsetDateTime;
 
 use crate::Error;
 
+pub mod federated;
 mod insights;
 mod registry;
 mod rollouts;
 
+pub use federated::{FlRoundRecord, FlTaskRecord, Stored};
 pub use insights::{Ingested, InsightFilter, NewInsight, SeriesPoint};
 pub use registry::{Publication, PublishedModel};
 pub use rollouts::{CreateRollout, ReportOutcome, RolloutRecord};
@@ -153,6 +155,55 @@ const MIGRATIONS: &[&str] = &[
         p95_ms          REAL,
         updated_at      INTEGER NOT NULL,
         PRIMARY KEY (rollout_id, device_id)
+    ) STRICT;
+    "#,
+    // 5: federated tasks, rounds, and what devices submitted in the open
+    // rounds (dropped when a round closes).
+    r#"
+    CREATE TABLE fl_tasks (
+        id               TEXT PRIMARY KEY,
+        spec             TEXT NOT NULL,
+        state            TEXT NOT NULL CHECK (state IN ('running', 'completed', 'failed', 'stopped')),
+        completed_rounds INTEGER NOT NULL,
+        model            BLOB NOT NULL,
+        accountant       TEXT NOT NULL,
+        history          TEXT NOT NULL,
+        detail           TEXT,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL,
+        held_out_features BLOB,
+        held_out_labels  BLOB
+    ) STRICT;
+    CREATE TABLE fl_rounds (
+        task_id        TEXT NOT NULL REFERENCES fl_tasks(id),
+        round          INTEGER NOT NULL,
+        phase          TEXT NOT NULL,
+        phase_deadline INTEGER NOT NULL,
+        started_at     INTEGER NOT NULL,
+        selected       TEXT NOT NULL,
+        eligible       INTEGER NOT NULL,
+        roster         TEXT,
+        u2             TEXT,
+        u3             TEXT,
+        refused        TEXT NOT NULL,
+        PRIMARY KEY (task_id, round)
+    ) STRICT;
+    CREATE TABLE fl_submissions (
+        task_id     TEXT NOT NULL,
+        round       INTEGER NOT NULL,
+        device_id   TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        body        BLOB NOT NULL,
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (task_id, round, device_id, kind)
+    ) STRICT;
+    CREATE TABLE fl_shares (
+        task_id   TEXT NOT NULL,
+        round     INTEGER NOT NULL,
+        recipient INTEGER NOT NULL,
+        sender    INTEGER NOT NULL,
+        body      BLOB NOT NULL,
+        PRIMARY KEY (task_id, round, recipient, sender)
     ) STRICT;
     "#,
 ];

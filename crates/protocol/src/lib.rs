@@ -8,6 +8,7 @@
 //! Start reading at [`JoinToken`] (how a device finds and trusts its hub),
 //! then [`EnrollRequest`] and [`DeviceMessage`].
 
+pub mod federated;
 pub mod insight;
 pub mod openai;
 pub mod rollout;
@@ -254,6 +255,14 @@ pub enum DeviceMessage {
         model: String,
         /// The release to install.
         version: u64,
+    },
+    /// A federated task invites the device to a round: fetch the round and
+    /// take part if the device has the task's data.
+    FlInvite {
+        /// The task.
+        task_id: String,
+        /// The round.
+        round: u32,
     },
     /// The rollout was aborted: if the device runs `version` of `model`
     /// because of it, go back to the version it had before.

@@ -21,14 +21,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use protocol::DeviceMessage;
 use protocol::rollout::{RolloutDetail, RolloutState, UpdatePhase, UpdateReport};
-use protocol::{CreateTokenRequest, CreateTokenResponse, DeviceMessage, DeviceMessageEnvelope};
 use serde_json::json;
 
 use crate::operator::run_strata;
 use crate::output::out;
+use crate::simfleet::{SimDevice, SimHub};
 
 /// `strata bench rollout`.
 #[derive(Debug, Args)]
@@ -85,12 +85,6 @@ fn rss(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
-}
-
-/// A simulated device: enrolled identity and its mTLS client.
-struct SimDevice {
-    id: String,
-    client: reqwest::Client,
 }
 
 /// Counters the simulated devices share.
@@ -234,46 +228,25 @@ async fn install(
 
 /// Holds the device's event stream open and acts on install messages.
 async fn simulate(device: SimDevice, fleet: Arc<Fleet>) {
-    let hub = fleet.hub.as_str();
-    let mut last = 0i64;
-    loop {
-        let response = device
-            .client
-            .get(format!("{hub}/v1/devices/{}/events", device.id))
-            .header("accept", "text/event-stream")
-            .header("last-event-id", last.to_string())
-            .send()
-            .await;
-        let Ok(response) = response else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let mut body = response.bytes_stream();
-        let mut decoder = edge::sse::SseDecoder::default();
-        while let Some(Ok(chunk)) = body.next().await {
-            let Ok(events) = decoder.push(&chunk) else {
-                break;
-            };
-            for event in events.into_iter().filter(|e| e.event == "message") {
-                let Ok(envelope) = serde_json::from_str::<DeviceMessageEnvelope>(&event.data)
-                else {
-                    continue;
-                };
-                last = last.max(envelope.seq);
+    let hub = fleet.hub.clone();
+    device
+        .listen(&hub, |envelope| {
+            let (device, fleet) = (&device, &fleet);
+            async move {
                 if let DeviceMessage::Install {
                     rollout_id,
                     model,
                     version,
                 } = envelope.message
                 {
-                    let result = install(&device, &fleet, &rollout_id, &model, version).await;
+                    let result = install(device, fleet, &rollout_id, &model, version).await;
                     if let Err(e) = result {
                         tracing::warn!(device = %device.id, error = %e, "simulated update failed");
                     }
                 }
             }
-        }
-    }
+        })
+        .await;
 }
 
 /// Runs `strata bench rollout`.
@@ -294,39 +267,14 @@ pub(crate) async fn run(args: RolloutArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: &RolloutArgs, dir: &Path) -> anyhow::Result<()> {
-    let hub_dir = dir.join("hub");
-    let token_file = dir.join("operator.token");
-    let exe = std::env::current_exe()?;
-    let mut hub = tokio::process::Command::new(&exe)
-        .args(["hub", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&hub_dir)
-        .arg("--operator-token-file")
-        .arg(&token_file)
-        .env("STRATA_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the hub")?;
-    let pid = hub.id().context("the hub has no pid")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (url, token) = loop {
-        let url = std::fs::read_to_string(hub_dir.join("hub.url")).ok();
-        let token = std::fs::read_to_string(&token_file).ok();
-        if let (Some(u), Some(t)) = (url, token)
-            && !t.trim().is_empty()
-        {
-            break (u.trim().to_owned(), t.trim().to_owned());
-        }
-        if Instant::now() > deadline {
-            bail!("the hub did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let ca = std::fs::read_to_string(hub_dir.join("tls").join("ca.crt"))?;
-    let operator = reqwest::Client::builder()
-        .tls_backend_preconfigured(pki::tls::ca_client_config(&ca)?)
-        .timeout(Duration::from_secs(60))
-        .build()?;
+    let hub = SimHub::start(dir).await?;
+    let (pid, url, hub_dir, token_file) = (
+        hub.pid,
+        hub.url.clone(),
+        hub.dir.clone(),
+        hub.token_file.clone(),
+    );
+    let (operator, token) = (hub.operator.clone(), hub.token.clone());
 
     // The registry and one release.
     let keys = dir.join("keys");
@@ -367,57 +315,10 @@ async fn bench(args: &RolloutArgs, dir: &Path) -> anyhow::Result<()> {
     let root = std::fs::read(keys.join("root.json"))?;
 
     // Enrol the fleet.
-    let bar = ProgressBar::new(args.devices).with_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message("enrolling");
-    let devices_dir = dir.join("devices");
-    let enrolled: Vec<anyhow::Result<SimDevice>> = futures_util::stream::iter(0..args.devices)
-        .map(|i| {
-            let (operator, url, token, ca, devices_dir, bar) = (
-                operator.clone(),
-                url.clone(),
-                token.clone(),
-                ca.clone(),
-                devices_dir.clone(),
-                bar.clone(),
-            );
-            async move {
-                let join: CreateTokenResponse = operator
-                    .post(format!("{url}/v1/tokens"))
-                    .bearer_auth(&token)
-                    .json(&CreateTokenRequest {
-                        ttl_secs: Some(3600),
-                        labels: [("fleet".to_owned(), "bench".to_owned())].into(),
-                    })
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .json()
-                    .await?;
-                let data_dir = devices_dir.join(format!("d{i}"));
-                let enrolment =
-                    edge::join(&join.token, &data_dir, Some(format!("sim-{i}"))).await?;
-                let read = |f: &str| std::fs::read_to_string(data_dir.join("identity").join(f));
-                let client = reqwest::Client::builder()
-                    .tls_backend_preconfigured(pki::tls::device_client_config(
-                        &ca,
-                        &read("device.crt")?,
-                        &read("device.key")?,
-                    )?)
-                    .build()?;
-                bar.inc(1);
-                Ok(SimDevice {
-                    id: enrolment.device_id.to_string(),
-                    client,
-                })
-            }
-        })
-        .buffer_unordered(args.enrol_concurrency.max(1))
-        .collect()
-        .await;
-    bar.finish_and_clear();
+    let labels = [("fleet".to_owned(), "bench".to_owned())].into();
+    let enrolled = hub
+        .enrol(dir, args.devices, &labels, args.enrol_concurrency)
+        .await?;
     let scratch = dir.join("downloads");
     std::fs::create_dir_all(&scratch)?;
     let fleet = Arc::new(Fleet {
@@ -430,7 +331,6 @@ async fn bench(args: &RolloutArgs, dir: &Path) -> anyhow::Result<()> {
     let counters = &fleet.counters;
     let mut n = 0u64;
     for device in enrolled {
-        let device = device?;
         tokio::spawn(simulate(device, Arc::clone(&fleet)));
         n += 1;
     }
@@ -556,6 +456,6 @@ async fn bench(args: &RolloutArgs, dir: &Path) -> anyhow::Result<()> {
             }))?,
         )?;
     }
-    let _ = hub.kill().await;
+    hub.stop().await;
     Ok(())
 }

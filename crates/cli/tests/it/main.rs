@@ -4,6 +4,7 @@
 mod api_errors;
 mod demo;
 mod enrolment;
+mod federated;
 mod identity;
 mod inference;
 mod insights;

@@ -1,0 +1,282 @@
+//! Federated learning end to end: a real hub coordinating rounds for
+//! enrolled devices over mutual TLS, and `strata fl simulate` driving a
+//! virtual fleet through the agent's client code.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use protocol::federated::{FlModel, FlRoundView, FlTask, FlTaskState};
+use serde_json::json;
+
+use crate::support::{Hub, STRATA, device_client, join, ok, problem, wait_for};
+
+fn update(values: usize, value: f32) -> serde_json::Value {
+    let delta = protocol::federated::F32Vector(vec![value; values]);
+    json!({
+        "delta": delta,
+        "examples": 10,
+        "evaluation": { "accuracy": 0.5, "loss": 0.7, "examples": 10 },
+    })
+}
+
+async fn task(hub: &Hub, id: &str) -> FlTask {
+    hub.client()
+        .get(format!("{}/v1/fl/tasks/{id}", hub.url))
+        .bearer_auth(&hub.operator_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn model(hub: &Hub, id: &str) -> FlModel {
+    hub.client()
+        .get(format!("{}/v1/fl/tasks/{id}/model", hub.url))
+        .bearer_auth(&hub.operator_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Submissions that do not fit are refused with a problem and counted by
+/// reason while the round goes on; a hub killed in the middle of the round
+/// resumes it from its store; the aggregate is the mean of what was sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_submissions_are_refused_and_counted_and_a_round_survives_a_hub_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut hub = Hub::start(tmp.path()).await;
+    let ca = hub.ca_pem();
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        let dir = tmp.path().join(format!("d{i}"));
+        ok(&join(&hub.token(&["site=fl"]), &dir));
+        devices.push(device_client(&ca, &dir));
+    }
+    // Softmax regression over shuttle's 9 features: 20 parameters.
+    let params = 9 * 2 + 2;
+    let r = hub
+        .operator_post(
+            "/v1/fl/tasks",
+            json!({
+                "name": "shuttle-head",
+                "model": { "inputs": 9, "hidden": 0, "classes": 2 },
+                "labels": ["normal", "anomaly"],
+                "dataset": "shuttle",
+                "strategy": { "name": "fedavg" },
+                "rounds": 1,
+                "clients_per_round": 2,
+                "over_selection": 0.0,
+                "min_clients": 2,
+                "round_deadline_secs": 600,
+                "seed": 11,
+            }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let created: FlTask = r.json().await.unwrap();
+    let id = created.id.clone();
+    let initial = model(&hub, &id).await.params.0;
+    assert_eq!(initial.len(), params);
+
+    // A bad spec is a 400 problem, not a task.
+    let (status, p) = problem(
+        hub.operator_post(
+            "/v1/fl/tasks",
+            json!({
+                "name": "bad", "model": { "inputs": 9, "hidden": 0, "classes": 2 },
+                "labels": ["only-one"], "dataset": "shuttle", "strategy": { "name": "median" },
+                "rounds": 1, "clients_per_round": 2, "secagg": { "neighbours": 4, "fixed": { "scale_bits": 16, "clip": 1.0 } },
+            }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(p.detail.contains("labels"), "{}", p.detail);
+
+    wait_for("round 1 to open", Duration::from_secs(30), || async {
+        (task(&hub, &id).await.current_round == Some(1)).then_some(())
+    })
+    .await;
+    let base = hub.url.clone();
+    let url = |tail: &str| format!("{base}/v1/fl/tasks/{id}/rounds/1{tail}");
+    let mut selected = Vec::new();
+    let mut left_out = Vec::new();
+    for d in &devices {
+        let view: FlRoundView = d.get(url("")).send().await.unwrap().json().await.unwrap();
+        if view.selected {
+            selected.push(d.clone());
+        } else {
+            left_out.push(d.clone());
+        }
+    }
+    assert_eq!((selected.len(), left_out.len()), (2, 1));
+
+    let post =
+        |d: &reqwest::Client, body: serde_json::Value| d.post(url("/update")).json(&body).send();
+    let (status, p) = problem(post(&left_out[0], update(params, 0.1)).await.unwrap()).await;
+    assert_eq!(
+        (status, p.problem_type.ends_with("not-selected")),
+        (403, true),
+        "{p:?}"
+    );
+    let (status, p) = problem(post(&selected[0], update(params - 1, 0.1)).await.unwrap()).await;
+    assert_eq!(
+        (status, p.problem_type.ends_with("fl-wrong-shape")),
+        (400, true),
+        "{p:?}"
+    );
+    let r = post(&selected[0], update(params, 0.1)).await.unwrap();
+    assert_eq!(r.status(), 202);
+
+    // The hub dies in the middle of the round and comes back.
+    hub.restart().await;
+    let view: FlRoundView = selected[1]
+        .get(url(""))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view.phase, protocol::federated::FlPhase::Train);
+    let (status, p) = problem(post(&selected[0], update(params, 0.1)).await.unwrap()).await;
+    assert_eq!(
+        (status, p.problem_type.ends_with("fl-replayed")),
+        (409, true),
+        "{p:?}"
+    );
+    let r = post(&selected[1], update(params, 0.3)).await.unwrap();
+    assert_eq!(r.status(), 202);
+
+    let done = wait_for("the task to complete", Duration::from_secs(30), || async {
+        let t = task(&hub, &id).await;
+        (t.state == FlTaskState::Completed).then_some(t)
+    })
+    .await;
+    let round = &done.history[0];
+    assert!(round.aggregated);
+    assert_eq!(round.aggregated_updates, 2);
+    for reason in ["not_selected", "wrong_shape", "replayed"] {
+        assert_eq!(
+            round.refused.get(reason),
+            Some(&1),
+            "{reason}: {:?}",
+            round.refused
+        );
+    }
+    // Example-weighted mean of 0.1 and 0.3 (10 examples each).
+    let after = model(&hub, &id).await.params.0;
+    for (a, b) in after.iter().zip(&initial) {
+        assert!((a - b - 0.2).abs() < 1e-5, "{a} - {b}");
+    }
+    // An update for a round that is over is a replay.
+    let (status, _) = problem(post(&selected[1], update(params, 0.3)).await.unwrap()).await;
+    assert_eq!(status, 409);
+}
+
+fn simulate(dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let json = dir.join("report.json");
+    let out = Command::new(STRATA)
+        .args(["fl", "simulate", "--dataset", "shuttle", "--dir"])
+        .arg(dir.join("sim"))
+        .arg("--json")
+        .arg(&json)
+        .args(extra)
+        .env("STRATA_LOG", "warn")
+        .output()
+        .unwrap();
+    ok(&out);
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+/// Plain FedAvg over a non-IID split reaches centralised accuracy on the
+/// held-out readings.
+#[test]
+fn simulated_fedavg_matches_centralised_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = simulate(
+        tmp.path(),
+        &["--clients", "20", "--per-round", "10", "--rounds", "6"],
+    );
+    let fed = report["final_accuracy"].as_f64().unwrap();
+    let central = report["centralised_accuracy"].as_f64().unwrap();
+    assert!(
+        fed >= central - 0.02,
+        "federated {fed}, centralised {central}"
+    );
+    assert_eq!(report["rounds"].as_array().unwrap().len(), 6);
+}
+
+/// Secure aggregation with a quarter of the devices dropping out after
+/// sharing their keys still recovers the sum, and the model still learns.
+#[test]
+fn secure_aggregation_survives_dropouts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = simulate(
+        tmp.path(),
+        &[
+            "--clients",
+            "16",
+            "--per-round",
+            "12",
+            "--rounds",
+            "3",
+            "--secagg",
+            "--dropout",
+            "0.25",
+            "--neighbours",
+            "6",
+            "--deadline-secs",
+            "5",
+        ],
+    );
+    let rounds = report["rounds"].as_array().unwrap();
+    let dropped: u64 = rounds.iter().map(|r| r["dropped"].as_u64().unwrap()).sum();
+    assert!(dropped > 0, "no device dropped: {rounds:?}");
+    let fed = report["final_accuracy"].as_f64().unwrap();
+    let central = report["centralised_accuracy"].as_f64().unwrap();
+    assert!(
+        fed >= central - 0.05,
+        "federated {fed}, centralised {central}"
+    );
+}
+
+/// The accountant stops the task before its ε budget is spent.
+#[test]
+fn differential_privacy_stops_at_the_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = simulate(
+        tmp.path(),
+        &[
+            "--clients",
+            "50",
+            "--per-round",
+            "10",
+            "--rounds",
+            "40",
+            "--dp-noise",
+            "1.5",
+            "--epsilon-budget",
+            "3.0",
+            "--no-baseline",
+        ],
+    );
+    let eps = report["epsilon"].as_f64().unwrap();
+    assert!(eps > 0.0 && eps <= 3.0, "ε = {eps}");
+    let rounds = report["rounds"].as_array().unwrap().len();
+    assert!(rounds < 40, "{rounds} rounds ran");
+    assert!(
+        report["detail"]
+            .as_str()
+            .unwrap()
+            .contains("privacy budget"),
+        "{report}"
+    );
+}
