@@ -43,6 +43,15 @@ pub(crate) enum FlCommand {
     /// this machine, and report accuracy per round against centralised
     /// training on the same data.
     Simulate(SimulateArgs),
+    /// Publish a finished task's model as a signed registry release.
+    ///
+    /// Fetches the task's final model from the hub, writes it as a
+    /// classifier head (safetensors, the runtime's format) and publishes it
+    /// like `strata model publish`, with the task's held-out and client
+    /// evaluations (and ε, with differential privacy) as metrics and the
+    /// task id as provenance.
+    #[command(disable_version_flag = true)]
+    Publish(crate::fl_publish::FlPublishArgs),
 }
 
 /// The data a simulation trains on.
@@ -175,6 +184,7 @@ pub(crate) struct SimulateArgs {
 pub(crate) async fn run(cmd: FlCommand) -> anyhow::Result<()> {
     match cmd {
         FlCommand::Simulate(args) => simulate(args).await,
+        FlCommand::Publish(args) => crate::fl_publish::run(args).await,
     }
 }
 

@@ -28,7 +28,7 @@ pub(crate) enum ModelCommand {
     /// artifact and registers the release. The hub signs a fresh snapshot
     /// and timestamp and refuses anything a device would refuse.
     #[command(disable_version_flag = true)]
-    Publish(crate::cmd_publish::PublishArgs),
+    Publish(Box<crate::cmd_publish::PublishArgs>),
     /// List the releases published to the hub's registry.
     List(crate::cmd_publish::ListArgs),
     /// Show a release's signed manifest: artifact, runtime needs, schema,
@@ -204,7 +204,7 @@ pub(crate) fn train_intents(args: &TrainIntentsArgs) -> anyhow::Result<f64> {
 
 pub(crate) async fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
-        ModelCommand::Publish(args) => crate::cmd_publish::publish(args).await,
+        ModelCommand::Publish(args) => crate::cmd_publish::publish(*args).await,
         ModelCommand::List(args) => crate::cmd_publish::list(args).await,
         ModelCommand::Show(args) => crate::cmd_publish::show(args).await,
         ModelCommand::TrainIntents(args) => {

@@ -28,42 +28,45 @@ use crate::output::out;
 #[derive(Debug, Args)]
 pub(crate) struct PublishArgs {
     /// The weights file (`.gguf`, `.safetensors` or `.onnx`).
-    file: PathBuf,
+    pub(crate) file: PathBuf,
     /// The model's name (1-128 of A-Z a-z 0-9 . _ -).
     #[arg(long)]
-    name: String,
+    pub(crate) name: String,
     /// The release number; must be above every published release of the name.
     #[arg(long)]
-    version: u64,
+    pub(crate) version: u64,
     /// The directory `strata keys init` wrote (its `root.json` and `targets.key`).
     #[arg(long, env = "STRATA_REGISTRY_KEYS")]
-    keys: PathBuf,
+    pub(crate) keys: PathBuf,
     /// How long the manifest stays installable (e.g. 90d).
     #[arg(long, default_value = "90d")]
-    expires: humantime::Duration,
+    pub(crate) expires: humantime::Duration,
     /// An evaluation metric to record, `name=value` (repeatable).
     #[arg(long = "metric", value_parser = parse_metric)]
-    metrics: Vec<(String, f64)>,
+    pub(crate) metrics: Vec<(String, f64)>,
     /// Memory the model needs on a device, in bytes (default: twice the file).
     #[arg(long)]
-    memory_bytes: Option<u64>,
+    pub(crate) memory_bytes: Option<u64>,
     /// The oldest agent that can load it (default: this build's version).
     #[arg(long)]
-    min_agent_version: Option<String>,
+    pub(crate) min_agent_version: Option<String>,
     /// What the model reads: text, tokens, embedding, labels or tensors.
     #[arg(long, default_value = "text")]
-    input: String,
+    pub(crate) input: String,
     /// What the model gives: text, tokens, embedding, labels or tensors.
     #[arg(long, default_value = "text")]
-    output: String,
+    pub(crate) output: String,
     /// The health check devices run before serving the release: a JSON
     /// file `{"probes": [{"input": "…", "expect": "…"}], "min_pass": 0.9,
     /// "max_latency_ms": 500}` (expect: the label of a classifier, a
     /// substring of a language model's answer, empty for embeddings).
     #[arg(long)]
-    health: Option<PathBuf>,
+    pub(crate) health: Option<PathBuf>,
     #[command(flatten)]
-    hub: HubConnection,
+    pub(crate) hub: HubConnection,
+    /// Where the weights came from (default: the file, by name and hash).
+    #[arg(skip)]
+    pub(crate) provenance: Option<Provenance>,
 }
 
 fn parse_metric(text: &str) -> Result<(String, f64), String> {
@@ -182,14 +185,17 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<()> {
             },
         },
         metrics: args.metrics.iter().cloned().collect::<BTreeMap<_, _>>(),
-        provenance: Provenance::Source {
-            file: args
-                .file
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            sha256,
-        },
+        provenance: args
+            .provenance
+            .clone()
+            .unwrap_or_else(|| Provenance::Source {
+                file: args
+                    .file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                sha256,
+            }),
         health,
         expires: now + *args.expires,
     };

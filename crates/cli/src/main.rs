@@ -15,6 +15,7 @@ mod cmd_model;
 mod cmd_publish;
 mod cmd_rollout;
 mod demo;
+mod fl_publish;
 mod operator;
 mod output;
 mod simfleet;
@@ -155,5 +156,18 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's arguments are consistent (unique names, valid
+    /// defaults), which clap otherwise checks only when that subcommand is
+    /// parsed.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

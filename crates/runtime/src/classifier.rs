@@ -275,10 +275,6 @@ impl ClassifierHead {
 
     /// Saves the head as a safetensors file (see the module docs for the layout).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let write_err = |reason: String| Error::Safetensors {
-            path: path.to_path_buf(),
-            reason,
-        };
         let mut tensors: Vec<(&str, &Tensor)> = vec![
             ("output.weight", &self.output.0),
             ("output.bias", &self.output.1),
@@ -293,30 +289,13 @@ impl ClassifierHead {
                 .flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(Error::tensor(format!("reading tensor {name}")))?;
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            owned.push((name.to_owned(), t.dims().to_vec(), bytes));
+            owned.push((name, t.dims().to_vec(), values));
         }
-        let views = owned
-            .iter()
-            .map(|(name, shape, bytes)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| write_err(e.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let labels = serde_json::to_string(&self.labels).map_err(|e| write_err(e.to_string()))?;
-        let metadata = HashMap::from([
-            ("format".to_owned(), HEAD_FORMAT.to_owned()),
-            ("version".to_owned(), "1".to_owned()),
-            ("activation".to_owned(), "relu".to_owned()),
-            ("labels".to_owned(), labels),
-        ]);
-        let bytes =
-            safetensors::serialize(views, Some(metadata)).map_err(|e| write_err(e.to_string()))?;
-        std::fs::write(path, bytes).map_err(|source| Error::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+        write_head(
+            path,
+            &self.labels,
+            owned.iter().map(|(n, s, v)| (*n, s.clone(), v.as_slice())),
+        )
     }
 
     /// Loads a head saved by [`ClassifierHead::save`].
@@ -401,6 +380,49 @@ impl ClassifierHead {
             output: (ow, ob),
         })
     }
+}
+
+/// Writes a head file from its tensors, `(name, shape, values)` in the
+/// layout of the module docs, with `labels` in its metadata. Heads trained
+/// elsewhere (a federated task's model) are written with this;
+/// [`ClassifierHead::load`] checks the shapes when the file is read.
+pub fn write_head<'a>(
+    path: &Path,
+    labels: &[String],
+    tensors: impl IntoIterator<Item = (&'a str, Vec<usize>, &'a [f32])>,
+) -> Result<()> {
+    let write_err = |reason: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, shape, values)| {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.to_owned(), shape, bytes)
+        })
+        .collect();
+    let views = owned
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| write_err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let labels = serde_json::to_string(labels).map_err(|e| write_err(e.to_string()))?;
+    let metadata = HashMap::from([
+        ("format".to_owned(), HEAD_FORMAT.to_owned()),
+        ("version".to_owned(), "1".to_owned()),
+        ("activation".to_owned(), "relu".to_owned()),
+        ("labels".to_owned(), labels),
+    ]);
+    let bytes =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| write_err(e.to_string()))?;
+    std::fs::write(path, bytes).map_err(|source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The head's forward pass: logits for a `[n, input_dim]` batch.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use protocol::federated::{FlModel, FlRoundView, FlTask, FlTaskState};
 use serde_json::json;
 
-use crate::support::{Hub, STRATA, device_client, join, ok, problem, wait_for};
+use crate::support::{Hub, STRATA, device_client, failed, join, ok, problem, strata, wait_for};
 
 fn update(values: usize, value: f32) -> serde_json::Value {
     let delta = protocol::federated::F32Vector(vec![value; values]);
@@ -75,12 +75,19 @@ async fn bad_submissions_are_refused_and_counted_and_a_round_survives_a_hub_rest
                 "min_clients": 2,
                 "round_deadline_secs": 600,
                 "seed": 11,
+                // Two examples the hub scores every model on.
+                "held_out": {
+                    "features": protocol::federated::F32Vector(vec![0.5; 18]),
+                    "labels": [0, 1],
+                },
             }),
         )
         .await;
     assert_eq!(r.status(), 201);
     let created: FlTask = r.json().await.unwrap();
     let id = created.id.clone();
+    assert_eq!(created.held_out_examples, Some(2));
+    assert!(created.evaluation.is_some(), "the initial model is scored");
     let initial = model(&hub, &id).await.params.0;
     assert_eq!(initial.len(), params);
 
@@ -179,6 +186,71 @@ async fn bad_submissions_are_refused_and_counted_and_a_round_survives_a_hub_rest
     // An update for a round that is over is a replay.
     let (status, _) = problem(post(&selected[1], update(params, 0.3)).await.unwrap()).await;
     assert_eq!(status, 409);
+
+    // The hub scored the new model on the held-out pair: both examples are
+    // identical, so exactly one of them is right.
+    let held_out = round.evaluation.expect("held-out evaluation");
+    assert_eq!((held_out.examples, held_out.accuracy), (2, 0.5));
+
+    // The finished task's model becomes a signed release with its metrics.
+    let keys = tmp.path().join("keys");
+    ok(&Command::new(STRATA)
+        .args(["keys", "init", "--out"])
+        .arg(&keys)
+        .arg("--hub-data-dir")
+        .arg(&hub.dir)
+        .env("STRATA_LOG", "warn")
+        .output()
+        .unwrap());
+    let token_file = tmp.path().join("operator.token");
+    let head = tmp.path().join("head.safetensors");
+    let (keys_arg, head_arg) = (keys.display().to_string(), head.display().to_string());
+    let publish = |version: &str| {
+        strata(
+            &[
+                "fl",
+                "publish",
+                &id,
+                "--version",
+                version,
+                "--keys",
+                &keys_arg,
+                "--out",
+                &head_arg,
+            ],
+            &hub,
+            &token_file,
+        )
+    };
+    let text = ok(&publish("1"));
+    assert!(text.contains("published shuttle-head@1"), "{text}");
+    assert!(text.contains("held_out_accuracy=0.5000"), "{text}");
+    let shown = ok(&strata(
+        &["model", "show", "shuttle-head@1"],
+        &hub,
+        &token_file,
+    ));
+    assert!(
+        shown.contains("held_out_accuracy") && shown.contains(&id),
+        "{shown}"
+    );
+    let head = runtime::classifier::ClassifierHead::load(&head).unwrap();
+    assert_eq!(head.labels(), ["normal", "anomaly"]);
+    // A task that does not exist is one readable error.
+    let err = failed(&strata(
+        &[
+            "fl",
+            "publish",
+            "fl-nope",
+            "--version",
+            "2",
+            "--keys",
+            &keys_arg,
+        ],
+        &hub,
+        &token_file,
+    ));
+    assert!(err.contains("fl-nope"), "{err}");
 }
 
 fn simulate(dir: &Path, extra: &[&str]) -> serde_json::Value {

@@ -3,36 +3,11 @@
 //! (timestamp, snapshot, targets, manifest, artifact) before it would install
 //! anything, including a download resumed half way. Tampering is refused.
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use registry::TrustedState;
 
-use crate::support::{Hub, STRATA, device_client, join, ok};
-
-fn strata(args: &[&str], hub: &Hub, token_file: &Path) -> Output {
-    Command::new(STRATA)
-        .args(args)
-        .arg("--hub-data-dir")
-        .arg(&hub.dir)
-        .arg("--operator-token-file")
-        .arg(token_file)
-        .env("STRATA_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn failed(out: &Output) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    assert_eq!(err.lines().count(), 1, "one readable line: {err}");
-    err
-}
+use crate::support::{Hub, STRATA, device_client, failed, join, ok, strata};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_published_model_verifies_on_a_device_and_tampering_is_refused() {

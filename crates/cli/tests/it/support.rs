@@ -21,6 +21,32 @@ pub fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs an operator command of `strata` against `hub`.
+pub fn strata(args: &[&str], hub: &Hub, token_file: &Path) -> Output {
+    Command::new(STRATA)
+        .args(args)
+        .arg("--hub-data-dir")
+        .arg(&hub.dir)
+        .arg("--operator-token-file")
+        .arg(token_file)
+        .env("STRATA_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// The one readable error line of a command that must fail with exit code 1.
+pub fn failed(out: &Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(err.lines().count(), 1, "one readable line: {err}");
+    err
+}
+
 /// Trains an intent head (`strata model train-intents --out OUT EXTRA…`),
 /// which must succeed, and returns what the command printed.
 pub fn train_intents(out: &Path, extra: &[&str]) -> String {
