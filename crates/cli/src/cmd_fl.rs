@@ -248,13 +248,19 @@ fn load(which: SimDataset) -> anyhow::Result<Loaded> {
 fn load_intents(assets: &Path) -> anyhow::Result<Loaded> {
     use sha2::Digest;
     let path = assets.join("home-assistant-intents").join("en.json");
-    let set = runtime::intents::load(&path, &runtime::intents::ExpansionOptions::default())
-        .with_context(|| {
-            format!(
-                "reading intents from {} (run scripts/fetch-assets)",
-                path.display()
-            )
-        })?;
+    // Many sentences per template, so that a thousand devices each hold a
+    // few dozen.
+    let options = runtime::intents::ExpansionOptions {
+        per_template: 32,
+        per_intent: None,
+        ..runtime::intents::ExpansionOptions::default()
+    };
+    let set = runtime::intents::load(&path, &options).with_context(|| {
+        format!(
+            "reading intents from {} (run scripts/fetch-assets)",
+            path.display()
+        )
+    })?;
     let texts: Vec<&str> = set.examples.iter().map(|e| e.text.as_str()).collect();
     let mut hash = sha2::Sha256::new();
     for t in &texts {
@@ -331,7 +337,12 @@ struct DeviceData {
 }
 
 impl LocalData for DeviceData {
-    fn dataset(&self, dataset: FlDataset, model: &ModelSpec) -> Option<Arc<Dataset>> {
+    fn dataset(
+        &self,
+        dataset: FlDataset,
+        model: &ModelSpec,
+        _labels: &[String],
+    ) -> Option<Arc<Dataset>> {
         (dataset == self.kind && model.inputs == self.data.inputs).then(|| Arc::clone(&self.data))
     }
 }

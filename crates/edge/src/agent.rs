@@ -137,6 +137,7 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
     });
 
     let batch_max = config.insight_batch_max;
+    let fl_data = federated_data(&config, &embedders);
     let updater = crate::updater::Updater::new(crate::updater::UpdaterParts {
         data_dir: dir.root().to_owned(),
         state: state.clone(),
@@ -160,6 +161,10 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
         Some(format!("http://{local_addr}")),
     )
     .with_updater(Arc::clone(&updater));
+    let link = match fl_data {
+        Some(data) => link.with_federated(data),
+        None => link,
+    };
     let updates = tokio::spawn(Arc::clone(&updater).run());
     let reports = tokio::spawn(updater.report_loop(
         client,
@@ -178,6 +183,28 @@ pub async fn run(config: Config) -> Result<RunningAgent, Error> {
             serve, heartbeats, stream, delivery, windows, updates, reports, refresh,
         ],
     })
+}
+
+/// The local training data `[federated]` names, with the embedding model
+/// that turns utterances into inputs; `None` when the device takes no part.
+fn federated_data(
+    config: &Config,
+    embedders: &std::collections::BTreeMap<String, Arc<runtime::Embedder>>,
+) -> Option<Arc<crate::federated::AgentData>> {
+    let fl = &config.federated;
+    if !fl.enabled {
+        return None;
+    }
+    let embedder = match &fl.embedding_model {
+        Some(id) => embedders.get(id).cloned(),
+        None => config
+            .catalogue
+            .entries
+            .iter()
+            .find_map(|e| embedders.get(&e.id).cloned()),
+    };
+    let data = crate::federated::AgentData::new(fl, embedder);
+    (!data.is_empty()).then(|| Arc::new(data))
 }
 
 /// Turns each closed window's counts into insights, once a second.

@@ -36,11 +36,51 @@ pub struct RawConfig {
     /// or are refused.
     #[serde(default)]
     pub router: RawRouter,
+    /// Federated learning: the local data this device trains on when a
+    /// task invites it.
+    #[serde(default)]
+    pub federated: RawFederated,
     /// The models this device serves (`[[models]]` tables; see the runtime
     /// catalogue for the fields of each kind). Relative paths are resolved
     /// against the directory of the configuration file.
     #[serde(default)]
     pub models: Vec<runtime::RawModelEntry>,
+}
+
+/// `[federated]`: the device's own training data for federated tasks. The
+/// data never leaves the device; only model updates do. A task names the
+/// data set it trains on; a device without that set declines the round.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederated {
+    /// Take part in federated tasks at all. Default: true.
+    pub enabled: Option<bool>,
+    /// Labelled utterances for intent tasks: JSON lines of
+    /// `{"text": "turn on the kitchen light", "intent": "HassTurnOn"}`,
+    /// embedded on the device with its sentence-embedding model. Lines
+    /// whose intent the task does not know are skipped. Relative to the
+    /// configuration file.
+    pub intents: Option<PathBuf>,
+    /// Sensor readings for shuttle tasks: CSV lines of the task's feature
+    /// values, as the model takes them, then the class name
+    /// (`normal` or `anomaly`). Relative to the configuration file.
+    pub shuttle: Option<PathBuf>,
+    /// The embedding model (`id` in `[[models]]`) that turns utterances
+    /// into the intent task's inputs. Default: the first `embedding` model.
+    pub embedding_model: Option<String>,
+}
+
+/// `[federated]`, checked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FederatedConfig {
+    /// See [`RawFederated::enabled`].
+    pub enabled: bool,
+    /// See [`RawFederated::intents`].
+    pub intents: Option<PathBuf>,
+    /// See [`RawFederated::shuttle`].
+    pub shuttle: Option<PathBuf>,
+    /// See [`RawFederated::embedding_model`].
+    pub embedding_model: Option<String>,
 }
 
 /// `[router]`: how the agent routes chat, completion and embedding
@@ -226,6 +266,8 @@ pub struct Config {
     pub updates: crate::updater::UpdateConfig,
     /// See [`RawRouter`].
     pub router: RouterConfig,
+    /// See [`RawFederated`].
+    pub federated: FederatedConfig,
 }
 
 impl RawConfig {
@@ -254,6 +296,21 @@ impl RawConfig {
         config.queue_timeout =
             Duration::from_millis(self.inference.queue_timeout_ms.unwrap_or(30_000));
         config.catalogue = catalogue;
+        for path in [&mut config.federated.intents, &mut config.federated.shuttle]
+            .into_iter()
+            .flatten()
+        {
+            if path.is_relative() {
+                *path = base_dir.join(&*path);
+            }
+        }
+        if let Some(id) = &config.federated.embedding_model
+            && !config.catalogue.entries.iter().any(|e| &e.id == id)
+        {
+            return Err(Error::Config(format!(
+                "federated.embedding_model {id:?} is not a model in [[models]]"
+            )));
+        }
         if let Some(root) = &mut config.updates.trust_root
             && root.is_relative()
         {
@@ -390,6 +447,12 @@ impl RawConfig {
             anomaly_threshold: threshold,
             updates,
             router,
+            federated: FederatedConfig {
+                enabled: self.federated.enabled.unwrap_or(true),
+                intents: self.federated.intents.clone(),
+                shuttle: self.federated.shuttle.clone(),
+                embedding_model: self.federated.embedding_model.clone(),
+            },
         })
     }
 }
@@ -411,6 +474,10 @@ mod tests {
         assert_eq!(config.reconnect_max, Duration::from_secs(5));
         assert_eq!(config.router.chat_model.as_deref(), Some("smollm2"));
         assert_eq!(config.router.macro_timeout, Duration::from_secs(60));
+        assert_eq!(
+            config.federated.intents.as_deref(),
+            Some(std::path::Path::new("/etc/strata/fl/utterances.jsonl"))
+        );
         // The policy file it names is the documented example, which parses.
         let policy = include_str!("../../../docs/examples/policy.toml");
         assert!(router::Policy::from_toml(policy).is_ok());
@@ -453,10 +520,15 @@ mod tests {
                 "[updates]\ndownload_rate_bytes_per_sec = 5",
                 "download_rate_bytes_per_sec",
             ),
+            (
+                "[federated]\nembedding_model = \"nope\"",
+                "federated.embedding_model",
+            ),
+            ("[federated]\ndata = \"x\"", "unknown field `data`"),
         ];
         for (text, needle) in cases {
             let err = RawConfig::from_toml(text)
-                .and_then(RawConfig::validate)
+                .and_then(|c| c.validate_in(std::path::Path::new("/etc/strata")))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle), "{text}: {err}");

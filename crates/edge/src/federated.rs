@@ -17,6 +17,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod agent_data;
+pub use agent_data::AgentData;
+
 use federated::model::{Dataset, ModelSpec};
 use federated::secagg::{ClientSecrets, Roster};
 use protocol::federated::{
@@ -103,8 +106,14 @@ impl std::fmt::Debug for Behaviour {
 
 /// The device's local data sets, by the name tasks use.
 pub trait LocalData: Send + Sync {
-    /// The examples for `dataset`, shaped for `model`, if the device has them.
-    fn dataset(&self, dataset: FlDataset, model: &ModelSpec) -> Option<Arc<Dataset>>;
+    /// The examples for `dataset`, shaped for `model` and labelled by their
+    /// index in `labels`, if the device has them.
+    fn dataset(
+        &self,
+        dataset: FlDataset,
+        model: &ModelSpec,
+        labels: &[String],
+    ) -> Option<Arc<Dataset>>;
 }
 
 /// A device's connection to the hub's federated endpoints (mutual TLS).
@@ -256,7 +265,7 @@ pub async fn take_part(
     if !view.selected {
         return Ok(Participation::NotSelected);
     }
-    let Some(dataset) = data.dataset(view.dataset, &view.model) else {
+    let Some(dataset) = data.dataset(view.dataset, &view.model, &view.labels) else {
         tracing::info!(%task, round, dataset = view.dataset.as_str(), "no local data for the task");
         return Ok(Participation::NoData);
     };

@@ -72,6 +72,7 @@ pub struct Link {
     config: Config,
     local_api: Option<String>,
     updater: Option<Arc<crate::updater::Updater>>,
+    federated: Option<Arc<crate::federated::AgentData>>,
 }
 
 impl Link {
@@ -93,7 +94,14 @@ impl Link {
             config,
             local_api,
             updater: None,
+            federated: None,
         }
+    }
+
+    /// Takes part in federated rounds it is invited to, training on `data`.
+    pub fn with_federated(mut self, data: Arc<crate::federated::AgentData>) -> Self {
+        self.federated = Some(data);
+        self
     }
 
     /// Hands `install` and `roll_back` messages to `updater`.
@@ -279,9 +287,39 @@ impl Link {
                 }
             }
             DeviceMessage::RollBack { .. } => {}
-            DeviceMessage::FlInvite { task_id, round } => {
-                tracing::info!(%task_id, round, "federated invitation; this agent has no local training data configured");
-            }
+            DeviceMessage::FlInvite { task_id, round } => match &self.federated {
+                None => {
+                    tracing::info!(%task_id, round, "federated invitation declined: this agent has no local training data configured");
+                }
+                Some(data) => {
+                    // The round runs on its own, so that the stream keeps
+                    // reading while the device trains.
+                    let client = crate::federated::FlClient::new(
+                        self.client.clone(),
+                        self.status.enrolment().hub_url.clone(),
+                    );
+                    let data = Arc::clone(data);
+                    tokio::spawn(async move {
+                        let behaviour = crate::federated::Behaviour::default();
+                        match crate::federated::take_part(
+                            &client,
+                            &task_id,
+                            round,
+                            data.as_ref(),
+                            &behaviour,
+                        )
+                        .await
+                        {
+                            Ok(outcome) => {
+                                tracing::info!(%task_id, round, ?outcome, "federated round");
+                            }
+                            Err(e) => {
+                                tracing::warn!(%task_id, round, error = %e, "federated round failed on this device");
+                            }
+                        }
+                    });
+                }
+            },
         }
         Ok(())
     }

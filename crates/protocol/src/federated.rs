@@ -22,7 +22,7 @@ use crate::{DeviceId, Labels};
 
 /// The data sets a device knows how to train a task on. The data stays on
 /// the device; the task only names which of its local sets to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FlDataset {
     /// Utterances labelled with Home Assistant intents, as MiniLM sentence
@@ -254,6 +254,9 @@ pub struct FlRoundView {
     pub model: ModelSpec,
     /// Which local data set to train on.
     pub dataset: FlDataset,
+    /// Class names, in the order of the model's outputs: how a device maps
+    /// its own labelled examples to classes.
+    pub labels: Vec<String>,
     /// Local training settings.
     #[schema(value_type = Object)]
     pub local: LocalTraining,

@@ -9,7 +9,9 @@ use std::time::Duration;
 use protocol::federated::{FlModel, FlRoundView, FlTask, FlTaskState};
 use serde_json::json;
 
-use crate::support::{Hub, STRATA, device_client, failed, join, ok, problem, strata, wait_for};
+use crate::support::{
+    Agent, Hub, STRATA, device_client, failed, join, ok, problem, strata, wait_for,
+};
 
 fn update(values: usize, value: f32) -> serde_json::Value {
     let delta = protocol::federated::F32Vector(vec![value; values]);
@@ -351,4 +353,86 @@ fn differential_privacy_stops_at_the_budget() {
             .contains("privacy budget"),
         "{report}"
     );
+}
+
+/// Real agents take part from their own data named in `[federated]`: each
+/// trains on its readings and sends only its update; an agent without data
+/// declines, and its rounds close at the deadline with the others' updates.
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_train_on_their_own_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start(tmp.path()).await;
+    // Readings of two features: anomalous when the first is positive. Each
+    // agent sees a different part of the space (non-IID).
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let dir = tmp.path().join(format!("agent{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("edge.toml");
+        if i < 2 {
+            let mut csv = String::new();
+            for k in 0..40 {
+                let x = (k as f32 - 20.0) / 10.0 + if i == 0 { 0.5 } else { -0.5 };
+                let y = (k % 7) as f32 / 7.0 - 0.5;
+                let class = if x > 0.0 { "anomaly" } else { "normal" };
+                csv.push_str(&format!("{x},{y},{class}\n"));
+            }
+            std::fs::write(dir.join("readings.csv"), csv).unwrap();
+            std::fs::write(&config, "[federated]\nshuttle = \"readings.csv\"\n").unwrap();
+        } else {
+            std::fs::write(&config, "").unwrap();
+        }
+        agents.push(Agent::enrol_with_config(&hub, dir.join("data"), &config).await);
+    }
+    for a in &agents {
+        a.wait_connected(1, Duration::from_secs(60)).await;
+    }
+    let held_out: Vec<f32> = [-1.5, 0.2, -0.4, -0.3, 0.6, 0.1, 1.4, -0.2]
+        .into_iter()
+        .collect();
+    let r = hub
+        .operator_post(
+            "/v1/fl/tasks",
+            json!({
+                "name": "readings",
+                "model": { "inputs": 2, "hidden": 0, "classes": 2 },
+                "labels": ["normal", "anomaly"],
+                "dataset": "shuttle",
+                "strategy": { "name": "fedavg" },
+                "rounds": 2,
+                "clients_per_round": 3,
+                "over_selection": 0.0,
+                "min_clients": 2,
+                "round_deadline_secs": 5,
+                "local": { "epochs": 20, "batch_size": 8, "learning_rate": 1.0 },
+                "seed": 5,
+                "held_out": {
+                    "features": protocol::federated::F32Vector(held_out),
+                    "labels": [0, 0, 1, 1],
+                },
+            }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let created = r.json::<FlTask>().await.unwrap();
+    let (id, before) = (created.id, created.evaluation.expect("initial evaluation"));
+    let done = wait_for("the task to complete", Duration::from_secs(60), || async {
+        let t = task(&hub, &id).await;
+        (t.state != FlTaskState::Running).then_some(t)
+    })
+    .await;
+    assert_eq!(done.state, FlTaskState::Completed, "{done:?}");
+    for round in &done.history {
+        assert!(round.aggregated, "{round:?}");
+        assert_eq!(
+            (round.invited, round.aggregated_updates),
+            (3, 2),
+            "{round:?}"
+        );
+        let seen = round.client_evaluation.expect("the agents' own evaluation");
+        assert_eq!(seen.examples, 80);
+    }
+    let e = done.evaluation.expect("held-out evaluation");
+    assert_eq!(e.accuracy, 1.0, "{e:?}");
+    assert!(e.loss < before.loss * 0.8, "{before:?} -> {e:?}");
 }
