@@ -129,6 +129,9 @@ pub(crate) struct SimulateArgs {
     /// Local learning rate.
     #[arg(long, default_value_t = 0.5)]
     learning_rate: f32,
+    /// The hub's step along each round's average update (1: plain FedAvg).
+    #[arg(long, default_value_t = 1.0)]
+    server_learning_rate: f32,
     /// Local mini-batch size.
     #[arg(long, default_value_t = 16)]
     batch_size: u32,
@@ -694,6 +697,7 @@ async fn drive(
         ),
         round_deadline_secs: Some(args.deadline_secs),
         local: Some(local),
+        server_learning_rate: Some(args.server_learning_rate),
         screen: None,
         dp: (args.dp_noise > 0.0).then_some(DpConfig {
             clip_norm: args.clip,

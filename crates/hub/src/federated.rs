@@ -230,6 +230,13 @@ pub fn validate(mut spec: CreateFlTask) -> Result<CreateFlTask, ApiError> {
         ));
     }
     spec.round_deadline_secs = Some(deadline);
+    let step = spec.server_learning_rate.unwrap_or(1.0);
+    if !(step.is_finite() && step > 0.0 && step <= 100.0) {
+        return Err(bad(format!(
+            "server_learning_rate must be above 0 and at most 100, got {step}"
+        )));
+    }
+    spec.server_learning_rate = Some(step);
     let local = spec.local.unwrap_or_default();
     if local.epochs == 0
         || local.batch_size == 0
@@ -1704,8 +1711,9 @@ async fn aggregate(state: &AppState, t: &TaskRt, r: &RoundRt) -> Result<(), crat
         Err(e) => return fail_round(state, t, &r, e.to_string()).await,
     };
     let mut rec = t.rec.clone();
+    let step = rec.spec.server_learning_rate.unwrap_or(1.0);
     for (w, d) in rec.model.iter_mut().zip(&outcome.delta) {
-        *w += d;
+        *w += step * d;
     }
     if let Some(dp) = &rec.spec.dp {
         let mut acc: RdpAccountant = serde_json::from_str(&rec.accountant)?;

@@ -78,6 +78,11 @@ pub struct CreateFlTask {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub local: Option<LocalTraining>,
+    /// The hub's step along each round's aggregate update (FedAvg with a
+    /// server learning rate, Reddi et al. 2021); default 1, the plain
+    /// average. Above 1 speeds up tasks whose devices hold little data.
+    #[serde(default)]
+    pub server_learning_rate: Option<f32>,
     /// Update screening when updates are visible (not with secure aggregation).
     #[serde(default)]
     #[schema(value_type = Object)]
