@@ -75,7 +75,7 @@
 
 pub mod bucket;
 pub mod forecast;
-mod normal;
+pub mod normal;
 pub mod trend;
 
 pub use bucket::{Bucket, BucketSeries, BucketSpec, MAX_BUCKETS, Point, Statistic, bucket_by_key};

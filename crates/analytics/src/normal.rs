@@ -1,5 +1,6 @@
 //! The standard normal distribution: the two-sided tail probability for the
-//! Mann-Kendall test and the quantile for prediction intervals.
+//! Mann-Kendall test, and the quantile for prediction intervals and for the
+//! simulator's "a little is enough" attack.
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI};
 
@@ -17,7 +18,8 @@ fn cdf(x: f64) -> f64 {
 
 /// The quantile function (inverse cdf) for `p` in (0, 1): Acklam's rational
 /// approximation (relative error below 1.2e-9), polished by one Halley step.
-pub(crate) fn quantile(p: f64) -> f64 {
+/// `p` outside (0, 1) is a caller's bug.
+pub fn quantile(p: f64) -> f64 {
     debug_assert!(p > 0.0 && p < 1.0);
     const A: [f64; 6] = [
         -3.969_683_028_665_376e1,
@@ -97,6 +99,15 @@ mod tests {
         ];
         for (z, p) in tails {
             assert!((two_sided_p(z) - p).abs() < 1e-12, "two_sided_p({z})");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn quantile_is_odd_and_increasing(p in 1e-12f64..0.5, dp in 1e-7f64..0.1) {
+            let x = quantile(p);
+            proptest::prop_assert!((x + quantile(1.0 - p)).abs() < 1e-6 * x.abs().max(1.0));
+            proptest::prop_assert!(quantile((p + dp).min(0.999_999)) > x);
         }
     }
 }

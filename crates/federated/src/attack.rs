@@ -144,68 +144,8 @@ pub fn z_max(n_clients: usize, n_attackers: usize) -> f32 {
     }
     let n = n_clients as f64;
     let s = (n / 2.0 + 1.0).floor() - n_attackers as f64;
-    let p = ((n - s) / n).min(1.0 - 1e-4);
-    inverse_normal_cdf(p) as f32
-}
-
-/// Φ⁻¹, the quantile function of the standard normal distribution, by
-/// Acklam's rational approximation (relative error below 1.2·10⁻⁹).
-/// Returns −∞ for `p ≤ 0`, +∞ for `p ≥ 1` and NaN for NaN.
-pub fn inverse_normal_cdf(p: f64) -> f64 {
-    const A: [f64; 6] = [
-        -3.969_683_028_665_376e1,
-        2.209_460_984_245_205e2,
-        -2.759_285_104_469_687e2,
-        1.383_577_518_672_69e2,
-        -3.066_479_806_614_716e1,
-        2.506_628_277_459_239,
-    ];
-    const B: [f64; 5] = [
-        -5.447_609_879_822_406e1,
-        1.615_858_368_580_409e2,
-        -1.556_989_798_598_866e2,
-        6.680_131_188_771_972e1,
-        -1.328_068_155_288_572e1,
-    ];
-    const C: [f64; 6] = [
-        -7.784_894_002_430_293e-3,
-        -3.223_964_580_411_365e-1,
-        -2.400_758_277_161_838,
-        -2.549_732_539_343_734,
-        4.374_664_141_464_968,
-        2.938_163_982_698_783,
-    ];
-    const D: [f64; 4] = [
-        7.784_695_709_041_462e-3,
-        3.224_671_290_700_398e-1,
-        2.445_134_137_142_996,
-        3.754_408_661_907_416,
-    ];
-    const P_LOW: f64 = 0.024_25;
-
-    // The central region uses a rational function in (p − ½)²; the tails,
-    // where that loses accuracy, one in √(−2 ln p).
-    let tail = |q: f64| {
-        let q = (-2.0 * q.ln()).sqrt();
-        (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
-            / ((((D[0] * q + D[1]) * q + D[2]) * q + D[3]) * q + 1.0)
-    };
-    if p.is_nan() {
-        f64::NAN
-    } else if p <= 0.0 {
-        f64::NEG_INFINITY
-    } else if p >= 1.0 {
-        f64::INFINITY
-    } else if p < P_LOW {
-        tail(p)
-    } else if p > 1.0 - P_LOW {
-        -tail(1.0 - p)
-    } else {
-        let q = p - 0.5;
-        let r = q * q;
-        (((((A[0] * r + A[1]) * r + A[2]) * r + A[3]) * r + A[4]) * r + A[5]) * q
-            / (((((B[0] * r + B[1]) * r + B[2]) * r + B[3]) * r + B[4]) * r + 1.0)
-    }
+    let p = ((n - s) / n).clamp(1e-12, 1.0 - 1e-4);
+    analytics::normal::quantile(p) as f32
 }
 
 #[cfg(test)]
@@ -278,28 +218,6 @@ mod tests {
     }
 
     #[test]
-    fn inverse_normal_cdf_matches_known_quantiles() {
-        for (p, x) in [
-            (0.5, 0.0),
-            (0.975, 1.959_963_984_540_054),
-            (0.995, 2.575_829_303_548_901),
-            (0.841_344_746_068_542_9, 1.0),
-            (0.02, -2.053_748_910_631_823),
-            (0.001, -3.090_232_306_167_813),
-            (1e-10, -6.361_340_902_404_056),
-        ] {
-            let got = inverse_normal_cdf(p);
-            assert!(
-                (got - x).abs() <= 1e-8 * x.abs().max(1.0),
-                "Φ⁻¹({p}) = {got}, not {x}"
-            );
-        }
-        assert_eq!(inverse_normal_cdf(0.0), f64::NEG_INFINITY);
-        assert_eq!(inverse_normal_cdf(1.0), f64::INFINITY);
-        assert!(inverse_normal_cdf(f64::NAN).is_nan());
-    }
-
-    #[test]
     fn serde_uses_the_kind_tag() {
         let cases = [
             (
@@ -357,13 +275,6 @@ mod tests {
                 let max = column.fold(f32::NEG_INFINITY, f32::max);
                 prop_assert!(v >= min - 1e-4 && v <= max + 1e-4, "{} not in [{}, {}]", v, min, max);
             }
-        }
-
-        #[test]
-        fn inverse_normal_cdf_is_odd_and_increasing(p in 1e-12f64..0.5, dp in 1e-7f64..0.1) {
-            let x = inverse_normal_cdf(p);
-            prop_assert!((x + inverse_normal_cdf(1.0 - p)).abs() < 1e-6 * x.abs().max(1.0));
-            prop_assert!(inverse_normal_cdf((p + dp).min(0.999_999)) > x);
         }
     }
 }
