@@ -4,9 +4,9 @@
 //! its own key and certificate, talking to a real `strata hub` process over
 //! loopback mutual TLS. The demo is a sequence of acts over a [`Fleet`]:
 //! enrol the fleet, ask its models, take a site offline and back, roll a
-//! good and a broken model release out ([`rollout_act`]), watch it live.
-//! Later capabilities add their own acts (a federated round) over the same
-//! [`Fleet`] handle.
+//! good and a broken model release out ([`rollout_act`]), train an intent
+//! head together by federated learning with secure aggregation
+//! ([`fl_act`]), watch it live.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,6 +22,7 @@ use netfault::FaultProxy;
 
 use crate::output::out;
 
+mod fl_act;
 mod rollout_act;
 pub(crate) mod route_act;
 
@@ -83,6 +84,16 @@ pub(crate) struct DemoDevice {
     /// Its site label.
     pub site: String,
     proc: Option<Proc>,
+}
+
+impl DemoDevice {
+    /// Its name (`site-1-dev-1`), the last part of its data directory.
+    pub(crate) fn name(&self) -> String {
+        self.data_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// The demo's hub and devices, for acts to act on.
@@ -228,9 +239,9 @@ impl Fleet {
                  [updates]\n# A short health window, so a rollout finishes within the demo.\nhealth_window_secs = 3\n\n{models}",
                 uplink.addr()
             );
-            std::fs::write(&config, text)
+            std::fs::write(&config, &text)
                 .with_context(|| format!("writing {}", config.display()))?;
-            configs.insert(site.clone(), config);
+            configs.insert(site.clone(), (config, text));
             self.uplinks.insert(site, uplink);
         }
         let bar = ProgressBar::new(u64::from(count)).with_style(
@@ -268,10 +279,22 @@ impl Fleet {
                 "--listen",
                 "127.0.0.1:0",
             ];
-            let config_arg = configs
-                .get(&site)
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
+            // With models, each device also names its own federated
+            // training data (written by the federated act).
+            let config_arg = match configs.get(&site) {
+                Some((_, text)) if !models.is_empty() => {
+                    let config = self.dir.join(format!("edge-{name}.toml"));
+                    let text = format!(
+                        "{text}\n# This device's own labelled utterances; they never leave it.\n[federated]\nintents = \"{}\"\n",
+                        fl_act::data_file(&name)
+                    );
+                    std::fs::write(&config, text)
+                        .with_context(|| format!("writing {}", config.display()))?;
+                    config.display().to_string()
+                }
+                Some((config, _)) => config.display().to_string(),
+                None => String::new(),
+            };
             args.extend(["--config", &config_arg]);
             let proc = Proc::spawn(&name, &args, &self.logs())?;
             self.devices.push(DemoDevice {
@@ -444,6 +467,8 @@ async fn acts(fleet: &mut Fleet, args: &DemoArgs) -> anyhow::Result<()> {
     }
     if let Some(head) = &head {
         rollout_act::run(fleet, head).await?;
+        out("");
+        fl_act::run(fleet).await?;
         out("");
     }
     watch(fleet, args.duration.map(Into::into)).await

@@ -14,7 +14,7 @@ use crate::operator::run_strata;
 use crate::output::out;
 
 /// Runs the `strata` binary itself for an operator command on the demo's hub.
-async fn strata(fleet: &Fleet, args: &[&str]) -> anyhow::Result<String> {
+pub(super) async fn strata(fleet: &Fleet, args: &[&str]) -> anyhow::Result<String> {
     let token = fleet.dir.join("operator.token");
     run_strata(args, Some((&fleet.hub_dir(), &token))).await
 }

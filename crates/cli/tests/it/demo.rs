@@ -91,6 +91,26 @@ fn the_demo_enrols_its_fleet_and_shows_it_online() {
         stdout.contains("8/8 devices serve intents@1; none serves the broken release"),
         "{stdout}"
     );
+    // The devices train an intent head together with secure aggregation:
+    // every round sums all eight masked updates, the held-out accuracy the
+    // hub measures rises, and the model becomes a signed release.
+    let rounds: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("masked updates summed"))
+        .collect();
+    assert_eq!(rounds.len(), 6, "{stdout}");
+    let accuracy = |line: &str| -> f64 {
+        line.rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no accuracy in {line}"))
+    };
+    for line in &rounds {
+        assert!(line.contains(": 8 masked updates summed"), "{line}");
+    }
+    let (first, last) = (accuracy(rounds[0]), accuracy(rounds[5]));
+    assert!(last > first && last > 0.6, "{first} -> {last}: {stdout}");
+    assert!(stdout.contains("published intents-fl@1"), "{stdout}");
     // Each device has its own identity.
     let certs: std::collections::BTreeSet<Vec<u8>> = std::fs::read_dir(tmp.path().join("devices"))
         .unwrap()
