@@ -288,8 +288,12 @@ fn simulated_fedavg_matches_centralised_training() {
     assert_eq!(report["rounds"].as_array().unwrap().len(), 6);
 }
 
-/// Secure aggregation with a quarter of the devices dropping out after
+/// Secure aggregation with a fifth of the devices dropping out after
 /// sharing their keys still recovers the sum, and the model still learns.
+/// The roster of 12 is smaller than the neighbourhood, so every device
+/// masks with every other, and the sum survives whenever no more than a
+/// third of the roster drops (a round where more drop fails, and the next
+/// round runs).
 #[test]
 fn secure_aggregation_survives_dropouts() {
     let tmp = tempfile::tempdir().unwrap();
@@ -304,9 +308,7 @@ fn secure_aggregation_survives_dropouts() {
             "3",
             "--secagg",
             "--dropout",
-            "0.25",
-            "--neighbours",
-            "6",
+            "0.2",
             "--deadline-secs",
             "5",
         ],
