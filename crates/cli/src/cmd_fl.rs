@@ -21,6 +21,7 @@ use federated::attack::Attack;
 use federated::dp::DpConfig;
 use federated::fixed::FixedPoint;
 use federated::model::{Dataset, LocalTraining, ModelSpec};
+use federated::screen::ScreenConfig;
 use federated::secagg::SecAggParams;
 use federated::strategy::Strategy;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -120,6 +121,15 @@ pub(crate) struct SimulateArgs {
     /// injected share of a round).
     #[arg(long)]
     krum_f: Option<usize>,
+    /// Screening: leave out updates longer than this L2 norm (visible
+    /// updates only, not with --secagg).
+    #[arg(long)]
+    screen_max_norm: Option<f32>,
+    /// Screening: leave out updates whose cosine distance to the
+    /// coordinate-wise median of the round's updates is above this (0 to
+    /// 2; 1 is orthogonal).
+    #[arg(long)]
+    screen_cosine: Option<f32>,
     /// Dirichlet concentration of the non-IID split over labels.
     #[arg(long, default_value_t = 0.5)]
     alpha: f64,
@@ -698,7 +708,12 @@ async fn drive(
         round_deadline_secs: Some(args.deadline_secs),
         local: Some(local),
         server_learning_rate: Some(args.server_learning_rate),
-        screen: None,
+        screen: (args.screen_max_norm.is_some() || args.screen_cosine.is_some()).then_some(
+            ScreenConfig {
+                max_norm: args.screen_max_norm,
+                max_cosine_distance: args.screen_cosine,
+            },
+        ),
         dp: (args.dp_noise > 0.0).then_some(DpConfig {
             clip_norm: args.clip,
             noise_multiplier: args.dp_noise,
