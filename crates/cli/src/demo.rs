@@ -196,18 +196,26 @@ impl Fleet {
         Ok(response.json::<CreateTokenResponse>().await?.token)
     }
 
-    /// The fleet as the hub sees it.
-    pub async fn devices_on_hub(&self) -> anyhow::Result<DeviceList> {
+    /// `GET path` on the hub's operator API, as JSON.
+    pub(crate) async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<T> {
         let response = self
             .client
-            .get(format!("{}/v1/devices", self.hub_url))
+            .get(format!("{}{path}", self.hub_url))
             .bearer_auth(&self.operator_token)
             .send()
             .await?;
         if !response.status().is_success() {
-            bail!("hub refused to list devices: {}", response.status());
+            bail!("the hub refused GET {path}: {}", response.status());
         }
         Ok(response.json().await?)
+    }
+
+    /// The fleet as the hub sees it.
+    pub async fn devices_on_hub(&self) -> anyhow::Result<DeviceList> {
+        self.get("/v1/devices").await
     }
 
     /// Enrols `count` devices across `sites` sites and starts their agents.

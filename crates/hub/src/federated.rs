@@ -41,7 +41,7 @@ use protocol::federated::{
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
 use web::{ApiError, Json};
@@ -810,14 +810,19 @@ fn refuse_late(state: &AppState, id: &str, r: Refusal) -> ApiError {
     r.error
 }
 
-async fn record(
+/// Stores a submission that passed its checks and counts it; one that
+/// did not is refused with its problem and counted by reason.
+async fn record<T: Serialize>(
     state: &AppState,
     id: &str,
     round: u32,
     device: &DeviceId,
     kind: &'static str,
-    body: Vec<u8>,
+    checked: Result<(), Refusal>,
+    body: &T,
 ) -> Result<StatusCode, ApiError> {
+    checked.map_err(|r| refuse_late(state, id, r))?;
+    let body = serde_json::to_vec(body).map_err(ApiError::internal)?;
     let stored = state
         .store()
         .put_fl_submission(id.to_owned(), round, device.clone(), kind, body)
@@ -914,11 +919,7 @@ pub async fn post_update(
         }
         check_evaluation(&update.evaluation)
     })();
-    if let Err(r) = checked {
-        return Err(refuse_late(&state, &id, r));
-    }
-    let body = serde_json::to_vec(&update).map_err(ApiError::internal)?;
-    record(&state, &id, round, &device.id, "update", body).await
+    record(&state, &id, round, &device.id, "update", checked, &update).await
 }
 
 /// Secure aggregation, phase 0: the device's public keys.
@@ -944,8 +945,7 @@ pub async fn post_advertise(
             ),
         ));
     }
-    let body = serde_json::to_vec(&body.keys).map_err(ApiError::internal)?;
-    record(&state, &id, round, &device.id, "keys", body).await
+    record(&state, &id, round, &device.id, "keys", Ok(()), &body.keys).await
 }
 
 /// Secure aggregation, phase 1: encrypted shares for the device's holders.
@@ -1104,11 +1104,7 @@ pub async fn post_masked(
     } else {
         check_evaluation(&body.evaluation)
     };
-    if let Err(r) = checked {
-        return Err(refuse_late(&state, &id, r));
-    }
-    let bytes = serde_json::to_vec(&body).map_err(ApiError::internal)?;
-    record(&state, &id, round, &device.id, "masked", bytes).await
+    record(&state, &id, round, &device.id, "masked", checked, &body).await
 }
 
 /// Secure aggregation, phase 3: revealed shares.
@@ -1134,8 +1130,16 @@ pub async fn post_unmask(
             ),
         ));
     }
-    let bytes = serde_json::to_vec(&body.revealed).map_err(ApiError::internal)?;
-    record(&state, &id, round, &device.id, "unmask", bytes).await
+    record(
+        &state,
+        &id,
+        round,
+        &device.id,
+        "unmask",
+        Ok(()),
+        &body.revealed,
+    )
+    .await
 }
 
 // ---------------------------------------------------------------------------

@@ -24,18 +24,6 @@ pub(crate) fn data_file(name: &str) -> String {
 /// The rounds the demo's task runs.
 const ROUNDS: u32 = 6;
 
-async fn task(fleet: &Fleet, id: &str) -> anyhow::Result<FlTask> {
-    Ok(fleet
-        .client
-        .get(format!("{}/v1/fl/tasks/{id}", fleet.hub_url))
-        .bearer_auth(&fleet.operator_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
-}
-
 /// The devices' utterances and the held-out set, from the intents package.
 struct Split {
     intents: Vec<String>,
@@ -172,7 +160,7 @@ pub(crate) async fn run(fleet: &Fleet) -> anyhow::Result<()> {
     let deadline = started + Duration::from_secs(300);
     let mut shown = 0;
     let done = loop {
-        let t = task(fleet, &id).await?;
+        let t: FlTask = fleet.get(&format!("/v1/fl/tasks/{id}")).await?;
         for r in &t.history[shown..] {
             let accuracy = r
                 .evaluation

@@ -46,15 +46,7 @@ async fn releases(fleet: &Fleet, head: &Path) -> anyhow::Result<(PathBuf, PathBu
 }
 
 async fn detail(fleet: &Fleet, id: &str) -> anyhow::Result<RolloutDetail> {
-    Ok(fleet
-        .client
-        .get(format!("{}/v1/rollouts/{id}", fleet.hub_url))
-        .bearer_auth(&fleet.operator_token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
+    fleet.get(&format!("/v1/rollouts/{id}")).await
 }
 
 /// Follows a rollout, printing each stage as it opens, until it finishes.
