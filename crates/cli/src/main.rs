@@ -58,7 +58,8 @@ enum Command {
     /// Start a hub and a simulated fleet of real agents on this machine and
     /// show the fleet live.
     Demo(demo::DemoArgs),
-    /// Federated learning: simulate a fleet training together.
+    /// Federated learning: simulate a fleet training together, and publish a
+    /// finished task's model as a signed release.
     #[command(subcommand)]
     Fl(cmd_fl::FlCommand),
     /// Measure Strata side by side with the engines the field uses.
