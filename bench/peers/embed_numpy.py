@@ -47,27 +47,9 @@ CHECK_TOLERANCE = 0.005
 MAX_SEQ_LENGTH = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
 
 
-def _threads_from_argv(argv):
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return None
+import blas_env  # noqa: E402  (sets BLAS threads and core type before numpy loads)
 
-
-# BLAS reads its thread count when numpy is loaded: apply --threads first.
-_t = _threads_from_argv(sys.argv)
-if _t:
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = _t
-# OPENBLAS_CORETYPE pins OpenBLAS to one CPU's kernels (e.g. "Haswell", AVX2
-# only) instead of detecting the best for this CPU. Machine images set it for
-# portability; left in place it would hold the numpy peer below llama.cpp and
-# onnxruntime, which both use AVX-512 where the CPU has it. Drop it unless
-# --keep-blas-coretype says otherwise (the output's "blas_core" tells).
-if "--keep-blas-coretype" not in sys.argv:
-    os.environ.pop("OPENBLAS_CORETYPE", None)
+blas_env.apply()
 
 import numpy as np  # noqa: E402
 

@@ -51,25 +51,9 @@ import sys
 import time
 
 
-def _threads_from_argv(argv):
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return None
+import blas_env  # noqa: E402  (sets BLAS threads and core type before numpy loads)
 
-
-# BLAS reads its thread count when numpy is loaded: apply --threads first.
-_t = _threads_from_argv(sys.argv)
-if _t:
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = _t
-# OPENBLAS_CORETYPE pins OpenBLAS to one CPU's kernels (e.g. "Haswell", AVX2
-# only); Strata is built for this CPU, so let OpenBLAS detect it too (see
-# embed_numpy.py, which does the same).
-if "--keep-blas-coretype" not in sys.argv:
-    os.environ.pop("OPENBLAS_CORETYPE", None)
+blas_env.apply()
 
 import numpy as np  # noqa: E402
 

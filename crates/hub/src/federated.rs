@@ -934,18 +934,15 @@ pub async fn post_advertise(
     Json(body): Json<FlAdvertise>,
 ) -> Result<StatusCode, ApiError> {
     let (task, _) = admit(&state, &id, round, &device.id, "keys", FlPhase::Advertise)?;
-    if task.spec.secagg.is_none() {
-        return Err(refuse_late(
-            &state,
-            &id,
-            refuse(
-                "wrong_phase",
-                StatusCode::CONFLICT,
-                "this task does not use secure aggregation".to_owned(),
-            ),
-        ));
-    }
-    record(&state, &id, round, &device.id, "keys", Ok(()), &body.keys).await
+    let checked = match task.spec.secagg {
+        Some(_) => Ok(()),
+        None => Err(refuse(
+            "wrong_phase",
+            StatusCode::CONFLICT,
+            "this task does not use secure aggregation".to_owned(),
+        )),
+    };
+    record(&state, &id, round, &device.id, "keys", checked, &body.keys).await
 }
 
 /// Secure aggregation, phase 1: encrypted shares for the device's holders.
@@ -1119,24 +1116,22 @@ pub async fn post_unmask(
     Json(body): Json<FlUnmask>,
 ) -> Result<StatusCode, ApiError> {
     let (_, index) = admit(&state, &id, round, &device.id, "unmask", FlPhase::Unmask)?;
-    if body.revealed.iter().any(|s| Some(s.holder) != index) {
-        return Err(refuse_late(
-            &state,
-            &id,
-            refuse(
-                "invalid",
-                StatusCode::BAD_REQUEST,
-                "revealed shares must be the sender's own".to_owned(),
-            ),
-        ));
-    }
+    let checked = if body.revealed.iter().any(|s| Some(s.holder) != index) {
+        Err(refuse(
+            "invalid",
+            StatusCode::BAD_REQUEST,
+            "revealed shares must be the sender's own".to_owned(),
+        ))
+    } else {
+        Ok(())
+    };
     record(
         &state,
         &id,
         round,
         &device.id,
         "unmask",
-        Ok(()),
+        checked,
         &body.revealed,
     )
     .await

@@ -196,14 +196,7 @@ async fn bad_submissions_are_refused_and_counted_and_a_round_survives_a_hub_rest
 
     // The finished task's model becomes a signed release with its metrics.
     let keys = tmp.path().join("keys");
-    ok(&Command::new(STRATA)
-        .args(["keys", "init", "--out"])
-        .arg(&keys)
-        .arg("--hub-data-dir")
-        .arg(&hub.dir)
-        .env("STRATA_LOG", "warn")
-        .output()
-        .unwrap());
+    hub.init_registry_keys(&keys);
     let token_file = tmp.path().join("operator.token");
     let head = tmp.path().join("head.safetensors");
     let (keys_arg, head_arg) = (keys.display().to_string(), head.display().to_string());

@@ -23,13 +23,7 @@ async fn a_published_model_verifies_on_a_device_and_tampering_is_refused() {
         .collect();
     std::fs::write(&model, &weights).unwrap();
     let model_arg = model.display().to_string();
-    let ceremony = Command::new(STRATA)
-        .args(["keys", "init", "--out", &keys_arg, "--hub-data-dir"])
-        .arg(&hub.dir)
-        .env("STRATA_LOG", "warn")
-        .output()
-        .unwrap();
-    ok(&ceremony);
+    hub.init_registry_keys(&keys);
 
     let publish = |version: &str, keys: &str| {
         strata(

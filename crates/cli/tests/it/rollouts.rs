@@ -74,14 +74,7 @@ impl Setup {
         let tmp = tempfile::tempdir().unwrap();
         let hub = Hub::start(tmp.path()).await;
         let keys = tmp.path().join("keys");
-        ok(&Command::new(STRATA)
-            .args(["keys", "init", "--out"])
-            .arg(&keys)
-            .arg("--hub-data-dir")
-            .arg(&hub.dir)
-            .env("STRATA_LOG", "warn")
-            .output()
-            .unwrap());
+        hub.init_registry_keys(&keys);
         let token_file = tmp.path().join("operator.token");
         Self {
             tmp,

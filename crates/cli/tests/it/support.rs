@@ -223,6 +223,19 @@ impl Hub {
         ca_client(&self.ca_pem())
     }
 
+    /// Runs the registry key ceremony (`strata keys init`) into `out` and
+    /// installs the online keys and root in this hub, which must succeed.
+    pub fn init_registry_keys(&self, out: &Path) {
+        ok(&Command::new(STRATA)
+            .args(["keys", "init", "--out"])
+            .arg(out)
+            .arg("--hub-data-dir")
+            .arg(&self.dir)
+            .env("STRATA_LOG", "warn")
+            .output()
+            .unwrap());
+    }
+
     /// Issues a join token with the CLI, against the data directory.
     pub fn token(&self, labels: &[&str]) -> String {
         let mut cmd = Command::new(STRATA);
