@@ -121,6 +121,11 @@ pub(crate) struct SimulateArgs {
     /// injected share of a round).
     #[arg(long)]
     krum_f: Option<usize>,
+    /// Median and trimmed mean: mix each update with its nearest others
+    /// first (nearest-neighbour mixing), assuming `--krum-f` Byzantine
+    /// devices per round.
+    #[arg(long)]
+    mixing: bool,
     /// Screening: leave out updates longer than this L2 norm (visible
     /// updates only, not with --secagg).
     #[arg(long)]
@@ -161,9 +166,14 @@ pub(crate) struct SimulateArgs {
     /// Secure aggregation: the hub sees only the sum.
     #[arg(long)]
     secagg: bool,
-    /// Secure aggregation: masking neighbours per device.
-    #[arg(long, default_value_t = 32)]
-    neighbours: usize,
+    /// Secure aggregation: masking neighbours per device. Unset, the hub
+    /// sizes them so that a round survives `--secagg-dropout`.
+    #[arg(long)]
+    neighbours: Option<usize>,
+    /// Secure aggregation: the fraction of devices a round must survive
+    /// losing at random between sharing keys and unmasking.
+    #[arg(long, default_value_t = SecAggParams::DEFAULT_DROPOUT)]
+    secagg_dropout: f64,
     /// Differential privacy: noise multiplier (0 = off).
     #[arg(long, default_value_t = 0.0)]
     dp_noise: f64,
@@ -192,6 +202,21 @@ pub(crate) struct SimulateArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// Runs `strata fl simulate` with `args` as they would be written after it
+/// on the command line (the demo runs one this way, so that what it shows
+/// can be run again by hand).
+pub(crate) async fn simulate_with(args: &[&str]) -> anyhow::Result<()> {
+    #[derive(clap::Parser)]
+    struct Simulate {
+        #[command(flatten)]
+        args: SimulateArgs,
+    }
+    let parsed = <Simulate as clap::Parser>::try_parse_from(
+        std::iter::once("simulate").chain(args.iter().copied()),
+    )?;
+    simulate(parsed.args).await
 }
 
 pub(crate) async fn run(cmd: FlCommand) -> anyhow::Result<()> {
@@ -461,13 +486,18 @@ struct Report {
 }
 
 fn strategy_of(args: &SimulateArgs, expected_byzantine: usize) -> Strategy {
+    let f = args.krum_f.unwrap_or(expected_byzantine);
+    let mixing = args.mixing.then_some(f);
     match args.strategy {
         StrategyName::Fedavg => Strategy::FedAvg,
         StrategyName::Fedprox => Strategy::FedProx { mu: args.mu },
-        StrategyName::Median => Strategy::Median,
-        StrategyName::TrimmedMean => Strategy::TrimmedMean { beta: args.beta },
+        StrategyName::Median => Strategy::Median { mixing },
+        StrategyName::TrimmedMean => Strategy::TrimmedMean {
+            beta: args.beta,
+            mixing,
+        },
         StrategyName::MultiKrum => Strategy::MultiKrum {
-            byzantine: args.krum_f.unwrap_or(expected_byzantine),
+            byzantine: f,
             keep: 0,
         },
     }
@@ -723,6 +753,7 @@ async fn drive(
             epsilon_budget: args.epsilon_budget,
         }),
         secagg: args.secagg.then_some(SecAggParams {
+            dropout: args.secagg_dropout,
             neighbours: args.neighbours,
             fixed: FixedPoint {
                 scale_bits: 16,

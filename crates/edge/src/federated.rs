@@ -369,6 +369,9 @@ pub async fn take_part(
     };
     let context = format!("strata-fl/{task}/{round}").into_bytes();
     let keys = roster_entries.iter().map(|e| e.keys).collect();
+    // The view that carries the roster carries the settings the hub fixed
+    // with it (the neighbourhood size among them).
+    let params = view.secagg.unwrap_or(params);
     let roster = Roster::new(&params, &context, keys)?;
     if behaviour.drop_at == Some(FlPhase::Share) {
         return Ok(Participation::Dropped(FlPhase::Share));

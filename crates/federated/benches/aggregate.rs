@@ -45,8 +45,11 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     for strategy in [
         Strategy::FedAvg,
-        Strategy::Median,
-        Strategy::TrimmedMean { beta: 0.1 },
+        Strategy::Median { mixing: None },
+        Strategy::TrimmedMean {
+            beta: 0.1,
+            mixing: None,
+        },
         Strategy::MultiKrum {
             byzantine: 10,
             keep: 0,

@@ -18,6 +18,7 @@ mod coordinate;
 mod kernel;
 mod krum;
 mod mean;
+mod mixing;
 
 pub(crate) use coordinate::coordinate_median;
 pub(crate) use kernel::{dot, sum_of_squares};
@@ -48,13 +49,25 @@ pub enum Strategy {
     },
     /// Coordinate-wise median of the updates, unweighted (Yin et al. 2018).
     /// An even count takes the mean of the two middle values.
-    Median,
+    Median {
+        /// `f` for nearest-neighbour mixing first (Allouah et al. 2023):
+        /// each update is replaced by the mean of its `n − f` nearest, which
+        /// keeps the median robust to `f` attackers and removes most of its
+        /// bias on non-IID updates. A round then needs more than `2f`
+        /// updates. Unset, the median of the raw updates.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mixing: Option<usize>,
+    },
     /// Coordinate-wise trimmed mean, unweighted (Yin et al. 2018): at each
     /// coordinate drop the `floor(beta · n)` smallest and largest values and
     /// average the rest.
     TrimmedMean {
         /// Fraction trimmed at each end, `0 <= beta < 0.5`.
         beta: f32,
+        /// `f` for nearest-neighbour mixing first, as for
+        /// [`Median`](Strategy::Median).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mixing: Option<usize>,
     },
     /// Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): score each
     /// update by the sum of its squared distances to its `n − f − 2` closest
@@ -81,12 +94,15 @@ enum RawStrategy {
     #[serde(rename = "fedavg", alias = "fed_avg")]
     FedAvg {},
     #[serde(rename = "fedprox", alias = "fed_prox")]
-    FedProx {
-        mu: f32,
+    FedProx { mu: f32 },
+    Median {
+        #[serde(default)]
+        mixing: Option<usize>,
     },
-    Median {},
     TrimmedMean {
         beta: f32,
+        #[serde(default)]
+        mixing: Option<usize>,
     },
     MultiKrum {
         byzantine: usize,
@@ -101,8 +117,8 @@ impl From<RawStrategy> for Strategy {
         match raw {
             RawStrategy::FedAvg {} => Strategy::FedAvg,
             RawStrategy::FedProx { mu } => Strategy::FedProx { mu },
-            RawStrategy::Median {} => Strategy::Median,
-            RawStrategy::TrimmedMean { beta } => Strategy::TrimmedMean { beta },
+            RawStrategy::Median { mixing } => Strategy::Median { mixing },
+            RawStrategy::TrimmedMean { beta, mixing } => Strategy::TrimmedMean { beta, mixing },
             RawStrategy::MultiKrum { byzantine, keep } => Strategy::MultiKrum { byzantine, keep },
         }
     }
@@ -119,16 +135,20 @@ impl Strategy {
             Strategy::FedAvg | Strategy::FedProx { .. } => {
                 Box::new(mean::MeanAggregator::new(dim, self.validate().err()))
             }
-            Strategy::Median => Box::new(coordinate::CoordinateAggregator::new(
+            Strategy::Median { mixing } => Box::new(coordinate::CoordinateAggregator::new(
                 dim,
                 coordinate::Reducer::Median,
+                mixing,
                 None,
             )),
-            Strategy::TrimmedMean { beta } => Box::new(coordinate::CoordinateAggregator::new(
-                dim,
-                coordinate::Reducer::TrimmedMean { beta },
-                self.validate().err(),
-            )),
+            Strategy::TrimmedMean { beta, mixing } => {
+                Box::new(coordinate::CoordinateAggregator::new(
+                    dim,
+                    coordinate::Reducer::TrimmedMean { beta },
+                    mixing,
+                    self.validate().err(),
+                ))
+            }
             Strategy::MultiKrum { byzantine, keep } => {
                 Box::new(krum::KrumAggregator::new(dim, byzantine, keep))
             }
@@ -145,7 +165,7 @@ impl Strategy {
     /// Checks the parameters' ranges.
     pub fn validate(&self) -> Result<()> {
         match *self {
-            Strategy::FedAvg | Strategy::Median | Strategy::MultiKrum { .. } => Ok(()),
+            Strategy::FedAvg | Strategy::Median { .. } | Strategy::MultiKrum { .. } => Ok(()),
             Strategy::FedProx { mu } => {
                 if mu.is_finite() && mu >= 0.0 {
                     Ok(())
@@ -156,7 +176,7 @@ impl Strategy {
                     })
                 }
             }
-            Strategy::TrimmedMean { beta } => {
+            Strategy::TrimmedMean { beta, .. } => {
                 if (0.0..0.5).contains(&beta) {
                     Ok(())
                 } else {
@@ -169,13 +189,29 @@ impl Strategy {
         }
     }
 
+    /// The fewest updates a round needs for this strategy to run: one, more
+    /// than `2f` with nearest-neighbour mixing, and for Multi-Krum more
+    /// than `2f + 2` and at least `keep + f`.
+    pub fn min_updates(&self) -> usize {
+        match *self {
+            Strategy::FedAvg | Strategy::FedProx { .. } => 1,
+            Strategy::Median { mixing } | Strategy::TrimmedMean { mixing, .. } => {
+                mixing.map_or(1, |f| f.saturating_mul(2).saturating_add(1))
+            }
+            Strategy::MultiKrum { byzantine, keep } => byzantine
+                .saturating_mul(2)
+                .saturating_add(3)
+                .max(keep.saturating_add(byzantine)),
+        }
+    }
+
     /// The strategy's name as it appears in configuration and metrics:
     /// `fedavg`, `fedprox`, `median`, `trimmed_mean` or `multi_krum`.
     pub fn name(&self) -> &'static str {
         match self {
             Strategy::FedAvg => "fedavg",
             Strategy::FedProx { .. } => "fedprox",
-            Strategy::Median => "median",
+            Strategy::Median { .. } => "median",
             Strategy::TrimmedMean { .. } => "trimmed_mean",
             Strategy::MultiKrum { .. } => "multi_krum",
         }
@@ -205,7 +241,7 @@ pub trait Aggregator {
     ///
     /// Fails with [`Error::TooFew`] when the strategy cannot run on so few
     /// updates (none at all for every strategy; Multi-Krum needs more than
-    /// `2f + 2`, and at least `keep + f`) and with [`Error::Invalid`] when
+    /// `2f + 2`, and at least `keep + f`; mixing needs more than `2f`) and with [`Error::Invalid`] when
     /// the strategy's parameters are out of range.
     fn finish(self: Box<Self>) -> Result<Aggregate>;
 }

@@ -212,7 +212,17 @@ pub fn validate(mut spec: CreateFlTask) -> Result<CreateFlTask, ApiError> {
         return Err(bad("over_selection must be between 0 and 3".to_owned()));
     }
     spec.over_selection = Some(over);
-    let floor = if spec.secagg.is_some() { 3 } else { 1 };
+    // A round of fewer updates than the strategy needs could not be
+    // aggregated.
+    let needed = spec.strategy.min_updates();
+    if needed > spec.clients_per_round as usize {
+        return Err(bad(format!(
+            "{} as configured needs at least {needed} updates per round; clients_per_round is {}",
+            spec.strategy.name(),
+            spec.clients_per_round
+        )));
+    }
+    let floor = if spec.secagg.is_some() { 3 } else { 1 }.max(needed as u32);
     let min = spec
         .min_clients
         .unwrap_or((spec.clients_per_round / 2).max(floor));
@@ -274,6 +284,7 @@ pub fn validate(mut spec: CreateFlTask) -> Result<CreateFlTask, ApiError> {
                     .to_owned(),
             ));
         }
+        secagg.check().map_err(|e| bad(e.to_string()))?;
         secagg
             .fixed
             .check(invite_count(&spec))
@@ -587,6 +598,9 @@ fn build_view(t: &TaskRt, round: u32, device: &DeviceId) -> Result<FlRoundView, 
             let mut v = base(phase, r.selected.contains(device), r.rec.phase_deadline_ms);
             if !r.roster.is_empty() {
                 v.roster = Some(r.roster.clone());
+                // The neighbourhood size is fixed with the roster, so
+                // every device builds the hub's graph.
+                v.secagg = spec.secagg.map(|p| p.resolved(r.roster.len()));
             }
             v.u2 = r.rec.u2.clone();
             v.u3 = r.rec.u3.clone();

@@ -407,8 +407,11 @@ impl Round {
     fn strategy(&self) -> Strategy {
         match self.strategy {
             StrategyName::FedAvg => Strategy::FedAvg,
-            StrategyName::Median => Strategy::Median,
-            StrategyName::TrimmedMean => Strategy::TrimmedMean { beta: self.beta },
+            StrategyName::Median => Strategy::Median { mixing: None },
+            StrategyName::TrimmedMean => Strategy::TrimmedMean {
+                beta: self.beta,
+                mixing: None,
+            },
             StrategyName::MultiKrum => Strategy::MultiKrum {
                 byzantine: self.byzantine,
                 keep: self.keep,

@@ -111,6 +111,22 @@ fn the_demo_enrols_its_fleet_and_shows_it_online() {
     let (first, last) = (accuracy(rounds[0]), accuracy(rounds[5]));
     assert!(last > first && last > 0.6, "{first} -> {last}: {stdout}");
     assert!(stdout.contains("published intents-fl@1"), "{stdout}");
+    // The same task at fleet scale with differential privacy: the
+    // accountant's ε is reported, within the task's budget, and the noisy
+    // model still learns.
+    let privacy = stdout
+        .lines()
+        .find(|l| l.contains("privacy: ε = "))
+        .unwrap_or_else(|| panic!("no privacy line: {stdout}"));
+    let epsilon: f64 = privacy
+        .split("ε = ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no ε in {privacy}"));
+    assert!(epsilon > 1.0 && epsilon <= 8.0, "{privacy}");
+    assert!(privacy.contains("after 10 rounds"), "{privacy}");
+    assert!(accuracy(privacy) > 0.4, "{privacy}");
     // Each device has its own identity.
     let certs: std::collections::BTreeSet<Vec<u8>> = std::fs::read_dir(tmp.path().join("devices"))
         .unwrap()

@@ -108,6 +108,43 @@ async fn bad_submissions_are_refused_and_counted_and_a_round_survives_a_hub_rest
     .await;
     assert_eq!(status, 400);
     assert!(p.detail.contains("labels"), "{}", p.detail);
+    // So is a robust strategy that rounds this small could never run, and
+    // a secure-aggregation dropout rate a majority would not survive.
+    for (strategy, secagg, clients, says) in [
+        (
+            json!({ "name": "median", "mixing": 1 }),
+            None,
+            2,
+            "at least 3 updates per round",
+        ),
+        (
+            json!({ "name": "multi_krum", "byzantine": 1 }),
+            None,
+            4,
+            "at least 5 updates per round",
+        ),
+        (
+            json!({ "name": "fedavg" }),
+            Some(json!({ "dropout": 0.5, "fixed": { "scale_bits": 16, "clip": 1.0 } })),
+            4,
+            "dropout",
+        ),
+    ] {
+        let (status, p) = problem(
+            hub.operator_post(
+                "/v1/fl/tasks",
+                json!({
+                    "name": "bad", "model": { "inputs": 9, "hidden": 0, "classes": 2 },
+                    "labels": ["normal", "anomaly"], "dataset": "shuttle", "strategy": strategy,
+                    "rounds": 1, "clients_per_round": clients, "secagg": secagg,
+                }),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, 400, "{strategy}");
+        assert!(p.detail.contains(says), "{}", p.detail);
+    }
 
     wait_for("round 1 to open", Duration::from_secs(30), || async {
         (task(&hub, &id).await.current_round == Some(1)).then_some(())

@@ -27,9 +27,9 @@ impl Roster {
     /// and round number) and is bound, with the parameters and every key,
     /// into a digest that every derived key and ciphertext depends on.
     ///
-    /// Refuses fewer than three clients, zero neighbours, a fixed-point
-    /// encoding that could overflow with this many clients, and a key
-    /// advertised twice.
+    /// Refuses fewer than three clients, zero neighbours, a dropout rate
+    /// outside `[0, 1/2)`, a fixed-point encoding that could overflow with
+    /// this many clients, and a key advertised twice.
     pub fn new(params: &SecAggParams, context: &[u8], keys: Vec<PublicKeys>) -> Result<Roster> {
         let n = keys.len();
         if n < 3 {
@@ -48,12 +48,7 @@ impl Roster {
                 reason: format!("{n} clients do not fit 32-bit indices"),
             });
         }
-        if params.neighbours == 0 {
-            return Err(Error::Invalid {
-                what: "secure aggregation neighbours",
-                reason: "must be at least 1".into(),
-            });
-        }
+        params.check()?;
         params.fixed.check(n)?;
         let mut seen: Vec<[u8; 32]> = keys.iter().flat_map(|k| [k.cipher_pk, k.mask_pk]).collect();
         seen.sort_unstable();
@@ -64,7 +59,8 @@ impl Roster {
             });
         }
 
-        let half = params.neighbours.div_ceil(2);
+        let neighbours = params.neighbours_for(n);
+        let half = neighbours.div_ceil(2);
         let complete = half.saturating_mul(2) >= n - 1;
         let holders_len = if complete { n } else { 2 * half + 1 };
         if holders_len < 3 {
@@ -75,16 +71,16 @@ impl Roster {
                 ),
             });
         }
-        let threshold = holders_len - holders_len / 3;
         // A majority threshold is what keeps the hub from collecting both
-        // kinds of share of one client from disjoint sets of holders.
-        debug_assert!(2 * threshold > holders_len);
+        // kinds of share of one client from disjoint sets of holders, and
+        // the smallest that does lets the most holders drop.
+        let threshold = holders_len / 2 + 1;
 
         let mut h = Sha256::new();
         h.update(LABEL_ROSTER);
         h.update((context.len() as u64).to_le_bytes());
         h.update(context);
-        h.update((params.neighbours as u64).to_le_bytes());
+        h.update((neighbours as u64).to_le_bytes());
         h.update(params.fixed.scale_bits.to_le_bytes());
         h.update(params.fixed.clip.to_bits().to_le_bytes());
         h.update((n as u64).to_le_bytes());
@@ -189,14 +185,16 @@ impl Roster {
     }
 
     /// How many of a client's holders must reveal a share to reconstruct
-    /// its secret: `t = h - floor(h/3)`, so a round survives as long as no
-    /// client loses more than a third of its holders between sharing keys
-    /// and unmasking.
+    /// its secret: a majority, `t = floor(h/2) + 1`, so a round survives as
+    /// long as no client loses half of its holders between sharing keys and
+    /// unmasking. An honest holder reveals one kind of share of a client,
+    /// never both, and two disjoint sets of `t` holders do not fit in `h`,
+    /// so the hub never gets both secrets of one client.
     ///
-    /// With dropouts at random, at rate `r`, a client loses more than a
-    /// third of its holders with the binomial tail probability
-    /// `P[Bin(h, r) > h/3]`, and a round fails if any client does; large
-    /// rosters with high dropout rates need large neighbourhoods.
+    /// With dropouts at random, at rate `r`, a client keeps too few holders
+    /// with the binomial tail probability `P[Bin(h - 1, 1 - r) < t]`, and a
+    /// round fails if any client does; [`SecAggParams::neighbours_for`]
+    /// sizes `h` so that this stays below [`SecAggParams::FAILURE_BOUND`].
     pub fn threshold(&self) -> usize {
         self.threshold
     }

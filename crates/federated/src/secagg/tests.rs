@@ -28,10 +28,18 @@ struct Sim {
 
 impl Sim {
     fn new(neighbours: usize, n: usize, dim: usize, seed: u64) -> Sim {
-        let params = SecAggParams {
-            neighbours,
-            fixed: FixedPoint::default(),
-        };
+        Sim::with(
+            SecAggParams {
+                neighbours: Some(neighbours),
+                ..SecAggParams::default()
+            },
+            n,
+            dim,
+            seed,
+        )
+    }
+
+    fn with(params: SecAggParams, n: usize, dim: usize, seed: u64) -> Sim {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let secrets: Vec<ClientSecrets> =
             (0..n).map(|_| ClientSecrets::generate(&mut rng)).collect();
@@ -228,75 +236,147 @@ proptest! {
     }
 }
 
-#[test]
-fn two_hundred_clients_with_sixteen_neighbours_recover_a_fifth_dropping() {
-    let (n, dim) = (200, 64);
-    let mut sim = Sim::new(16, n, dim, 2024);
-    let (h, t) = (sim.roster.holders_len(), sim.roster.threshold());
-    assert_eq!((h, t), (17, 12));
-    // A fifth of the clients, chosen at random among those whose dropping
-    // leaves every neighbourhood its threshold: independent 20% dropouts
-    // would leave some neighbourhood of 17 with fewer than 12 almost surely
-    // (see `Roster::threshold`), which the next test shows is refused.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut ChaCha20Rng::seed_from_u64(5));
-    let mut fates = vec![Fate::Stays; n];
-    let mut dropped = 0;
-    for i in order {
-        if dropped == n / 5 {
-            break;
-        }
-        fates[i] = Fate::DropsAfterSharing;
-        if sim.feasible(&fates) {
-            dropped += 1;
-        } else {
-            fates[i] = Fate::Stays;
-        }
-    }
-    assert_eq!(dropped, 40);
-    let sum = sim.run(&fates).unwrap();
-    sim.assert_sum(&fates, &sum);
+/// Each client drops independently with probability `rate`.
+fn random_fates(n: usize, rate: f64, fate: Fate, rng: &mut ChaCha20Rng) -> Vec<Fate> {
+    (0..n)
+        .map(|_| {
+            if rng.random_bool(rate) {
+                fate
+            } else {
+                Fate::Stays
+            }
+        })
+        .collect()
 }
 
 #[test]
-fn a_neighbourhood_losing_more_than_a_third_is_too_few_not_a_wrong_sum() {
+fn neighbourhoods_are_sized_for_the_dropout_rate() {
+    let third = SecAggParams::default();
+    let tenth = SecAggParams {
+        dropout: 0.1,
+        ..third
+    };
+    // (params, n) → k; small rosters use the complete graph.
+    let table = [
+        (third, 3, 2),
+        (third, 12, 11),
+        (third, 100, 99),
+        (third, 1000, 312),
+        (third, 10_000, 350),
+        (tenth, 1000, 38),
+        (tenth, 10_000, 42),
+        (
+            SecAggParams {
+                dropout: 0.0,
+                ..third
+            },
+            1000,
+            2,
+        ),
+        (
+            SecAggParams {
+                neighbours: Some(16),
+                ..third
+            },
+            1000,
+            16,
+        ),
+    ];
+    for (params, n, k) in table {
+        assert_eq!(params.neighbours_for(n), k, "n = {n}, {params:?}");
+        assert_eq!(params.resolved(n).neighbours, Some(k));
+        assert_eq!(params.resolved(n).neighbours_for(n + 500), k);
+    }
+    // The bound holds at the chosen size and not one size below.
+    let tail = |k: usize| 1000.0 * binomial_at_most(k, 2.0 / 3.0, k / 2);
+    assert!(tail(312) <= SecAggParams::FAILURE_BOUND);
+    assert!(tail(310) > SecAggParams::FAILURE_BOUND);
+    // The binomial tail against exact sums.
+    assert!((binomial_at_most(4, 0.5, 1) - 5.0 / 16.0).abs() < 1e-12);
+    assert!((binomial_at_most(10, 0.3, 10) - 1.0).abs() < 1e-12);
+    assert!((binomial_at_most(3, 0.9, 0) - 0.001).abs() < 1e-12);
+}
+
+#[test]
+fn a_thousand_clients_keep_their_thresholds_with_a_third_dropping_at_random() {
+    let n = 1000;
+    let sim = Sim::with(SecAggParams::default(), n, 1, 7);
+    assert_eq!(
+        (sim.roster.holders_len(), sim.roster.threshold()),
+        (313, 157)
+    );
+    let narrow = Sim::new(32, n, 1, 7);
+    let mut rng = ChaCha20Rng::seed_from_u64(8);
+    let mut narrow_failures = 0;
+    for _ in 0..200 {
+        let fates = random_fates(n, 1.0 / 3.0, Fate::DropsAfterSharing, &mut rng);
+        assert!(sim.feasible(&fates));
+        if !narrow.feasible(&fates) {
+            narrow_failures += 1;
+        }
+    }
+    // Fixed neighbourhoods of 33 lose half of some neighbourhood in most
+    // rounds at this rate.
+    assert!(narrow_failures > 150, "{narrow_failures}");
+}
+
+#[test]
+fn two_hundred_clients_recover_a_fifth_dropping_at_random() {
+    let (n, dim) = (200, 64);
+    let params = SecAggParams {
+        dropout: 0.2,
+        ..SecAggParams::default()
+    };
+    let mut sim = Sim::with(params, n, dim, 2024);
+    let k = params.neighbours_for(n);
+    assert!(!sim.roster.is_complete());
+    assert_eq!(sim.roster.holders_len(), k + 1);
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    for fate in [Fate::DropsAfterSharing, Fate::DropsBeforeSharing] {
+        let fates = random_fates(n, 0.2, fate, &mut rng);
+        assert!(fates.iter().filter(|&&f| f == fate).count() > 20);
+        let sum = sim.run(&fates).unwrap();
+        sim.assert_sum(&fates, &sum);
+    }
+}
+
+#[test]
+fn a_neighbourhood_losing_half_is_too_few_not_a_wrong_sum() {
     let n = 200;
     let mut sim = Sim::new(16, n, 8, 99);
-    // Six consecutive clients: client 100's 17 holders keep only 11.
+    assert_eq!((sim.roster.holders_len(), sim.roster.threshold()), (17, 9));
+    // Nine consecutive clients: client 100's 17 holders keep only 8.
     let mut fates = vec![Fate::Stays; n];
-    for f in &mut fates[95..101] {
+    for f in &mut fates[92..101] {
         *f = Fate::DropsAfterSharing;
     }
     assert!(!sim.feasible(&fates));
     assert!(matches!(
         sim.run(&fates),
-        Err(Error::TooFew { need: 12, .. })
+        Err(Error::TooFew { need: 9, .. })
     ));
 }
 
 #[test]
-fn too_many_dropouts_in_the_complete_graph_are_refused_by_the_clients() {
-    // Nine clients, threshold 6: four dropping leaves five.
+fn half_dropping_in_the_complete_graph_is_refused_by_the_clients() {
+    // Nine clients, threshold 5: five dropping leaves four.
     let mut sim = Sim::new(8, 9, 4, 3);
-    assert_eq!(sim.roster.threshold(), 6);
-    let fates = fates_with(9, 4, Fate::DropsAfterSharing, 1);
-    assert!(matches!(
-        sim.run(&fates),
-        Err(Error::TooFew {
-            need: 6,
-            have: 5,
-            ..
-        })
-    ));
-    let fates = fates_with(9, 4, Fate::DropsBeforeSharing, 1);
-    assert!(matches!(
-        sim.run(&fates),
-        Err(Error::TooFew {
-            need: 6,
-            have: 5,
-            ..
-        })
-    ));
+    assert_eq!(sim.roster.threshold(), 5);
+    for fate in [Fate::DropsAfterSharing, Fate::DropsBeforeSharing] {
+        let fates = fates_with(9, 5, fate, 1);
+        assert!(matches!(
+            sim.run(&fates),
+            Err(Error::TooFew {
+                need: 5,
+                have: 4,
+                ..
+            })
+        ));
+        // Four dropping leaves five, enough.
+        let fates = fates_with(9, 4, fate, 1);
+        let sum = sim.run(&fates).unwrap();
+        sim.assert_sum(&fates, &sum);
+    }
 }
 
 /// Runs rounds 1 to 3 with everyone staying and returns what the hub holds
@@ -643,18 +723,18 @@ fn roster_graph_and_thresholds() {
     let table = [
         ((3, 1), (3, 2, true)),
         ((5, 2), (3, 2, false)),
-        ((5, 3), (5, 4, true)),
-        ((10, 4), (5, 4, false)),
-        ((10, 9), (10, 7, true)),
-        ((10, 100), (10, 7, true)),
-        ((100, 32), (33, 22, false)),
-        ((1000, 16), (17, 12, false)),
+        ((5, 3), (5, 3, true)),
+        ((10, 4), (5, 3, false)),
+        ((10, 9), (10, 6, true)),
+        ((10, 100), (10, 6, true)),
+        ((100, 32), (33, 17, false)),
+        ((1000, 16), (17, 9, false)),
     ];
     let mut rng = ChaCha20Rng::seed_from_u64(71);
     for ((n, k), (h, t, complete)) in table {
         let params = SecAggParams {
-            neighbours: k,
-            fixed: FixedPoint::default(),
+            neighbours: Some(k),
+            ..SecAggParams::default()
         };
         let keys = (0..n)
             .map(|_| ClientSecrets::generate(&mut rng).public_keys())
@@ -688,8 +768,8 @@ fn roster_graph_and_thresholds() {
     let mut rng = ChaCha20Rng::seed_from_u64(72);
     let roster = Roster::new(
         &SecAggParams {
-            neighbours: 4,
-            fixed: FixedPoint::default(),
+            neighbours: Some(4),
+            ..SecAggParams::default()
         },
         b"",
         (0..10)
@@ -713,11 +793,14 @@ fn roster_refuses_bad_rounds() {
     assert!(invalid(&params, keys[..2].to_vec()));
     assert!(invalid(
         &SecAggParams {
-            neighbours: 0,
+            neighbours: Some(0),
             ..params
         },
         keys.clone()
     ));
+    for dropout in [-0.1, 0.5, 0.9, f64::NAN] {
+        assert!(invalid(&SecAggParams { dropout, ..params }, keys.clone()));
+    }
     let mut twice = keys.clone();
     twice[3] = twice[1];
     assert!(invalid(&params, twice));

@@ -33,16 +33,24 @@ pub(crate) enum Reducer {
 pub(crate) struct CoordinateAggregator {
     buffer: UpdateBuffer,
     reducer: Reducer,
+    /// `f` for nearest-neighbour mixing before the reduction.
+    mixing: Option<usize>,
     /// The strategy's parameter error, reported by `finish`.
     invalid: Option<Error>,
 }
 
 impl CoordinateAggregator {
     /// An aggregator for updates of `dim` values.
-    pub(crate) fn new(dim: usize, reducer: Reducer, invalid: Option<Error>) -> Self {
+    pub(crate) fn new(
+        dim: usize,
+        reducer: Reducer,
+        mixing: Option<usize>,
+        invalid: Option<Error>,
+    ) -> Self {
         Self {
             buffer: UpdateBuffer::new(dim),
             reducer,
+            mixing,
             invalid,
         }
     }
@@ -69,7 +77,19 @@ impl Aggregator for CoordinateAggregator {
                 have: 0,
             });
         }
-        let delta = reduce(&self.buffer.rows(), self.buffer.dim(), self.reducer);
+        let (rows, dim) = (self.buffer.rows(), self.buffer.dim());
+        let delta = match self.mixing {
+            Some(f) => {
+                let mixed = super::mixing::mix(&rows, dim, f)?;
+                if dim == 0 {
+                    Vec::new()
+                } else {
+                    let mixed: Vec<&[f32]> = mixed.chunks_exact(dim).collect();
+                    reduce(&mixed, dim, self.reducer)
+                }
+            }
+            None => reduce(&rows, dim, self.reducer),
+        };
         Ok(Aggregate {
             delta,
             used: n,

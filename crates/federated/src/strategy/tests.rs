@@ -141,7 +141,7 @@ proptest! {
 
     #[test]
     fn median_matches_the_sorting_reference((rows, weights) in round(15, 40)) {
-        let out = aggregate(&Strategy::Median, rows[0].len(), &slices(&rows, &weights)).unwrap();
+        let out = aggregate(&Strategy::Median { mixing: None }, rows[0].len(), &slices(&rows, &weights)).unwrap();
         assert_close(&out.delta, &naive_median(&rows), 1e-7);
         prop_assert_eq!(out.used, rows.len());
     }
@@ -151,7 +151,7 @@ proptest! {
         (rows, weights) in round(15, 40),
         beta in 0.0f32..0.5,
     ) {
-        let strategy = Strategy::TrimmedMean { beta };
+        let strategy = Strategy::TrimmedMean { beta, mixing: None };
         let out = aggregate(&strategy, rows[0].len(), &slices(&rows, &weights)).unwrap();
         let cut = coordinate::trim_count(beta, rows.len());
         prop_assert!(2 * cut < rows.len());
@@ -177,7 +177,7 @@ proptest! {
                 *value = attack[(c + k) % attack.len()];
             }
         }
-        let out = aggregate(&Strategy::Median, rows[0].len(), &slices(&rows, &weights)).unwrap();
+        let out = aggregate(&Strategy::Median { mixing: None }, rows[0].len(), &slices(&rows, &weights)).unwrap();
         for (c, &value) in out.delta.iter().enumerate() {
             let column = sorted_column(&honest, c);
             prop_assert!(column[0] as f32 <= value && value <= *column.last().unwrap() as f32,
@@ -234,9 +234,17 @@ fn large_rounds_match_the_references() {
     let weights: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
     let input = slices(&rows, &weights);
 
-    let median = aggregate(&Strategy::Median, dim, &input).unwrap();
+    let median = aggregate(&Strategy::Median { mixing: None }, dim, &input).unwrap();
     assert_close(&median.delta, &naive_median(&rows), 1e-7);
-    let trimmed = aggregate(&Strategy::TrimmedMean { beta: 0.1 }, dim, &input).unwrap();
+    let trimmed = aggregate(
+        &Strategy::TrimmedMean {
+            beta: 0.1,
+            mixing: None,
+        },
+        dim,
+        &input,
+    )
+    .unwrap();
     assert_close(&trimmed.delta, &naive_trimmed_mean(&rows, 4), 1e-6);
     let fedavg = aggregate(&Strategy::FedAvg, dim, &input).unwrap();
     assert_close(&fedavg.delta, &naive_weighted_mean(&rows, &weights), 1e-6);
@@ -296,14 +304,85 @@ fn trimmed_mean_drops_outliers_at_both_ends() {
         .collect();
     let weights = [1.0; 5];
     let out = aggregate(
-        &Strategy::TrimmedMean { beta: 0.2 },
+        &Strategy::TrimmedMean {
+            beta: 0.2,
+            mixing: None,
+        },
         2,
         &slices(&rows, &weights),
     )
     .unwrap();
     assert_eq!(out.delta, [2.0, 4.0]);
-    let median = aggregate(&Strategy::Median, 2, &slices(&rows[..4], &weights[..4])).unwrap();
+    let median = aggregate(
+        &Strategy::Median { mixing: None },
+        2,
+        &slices(&rows[..4], &weights[..4]),
+    )
+    .unwrap();
     assert_eq!(median.delta, [1.5, 3.0]);
+}
+
+/// Non-IID in miniature: each honest client's update is large on its own
+/// "class" coordinate and small elsewhere, so the coordinate-wise median
+/// is near zero everywhere (most clients do not hold any one class) while
+/// the mean is not. Mixing first brings the median close to the honest
+/// mean, and sign-flipped attackers still cannot pull it far.
+#[test]
+fn mixing_removes_the_median_bias_on_non_iid_updates_and_stays_robust() {
+    let (honest, attackers, dim) = (35, 15, 5);
+    let mut rows: Vec<Vec<f32>> = (0..honest)
+        .map(|i| {
+            let mut r = vec![0.1f32; dim];
+            r[i % dim] = 5.0;
+            r
+        })
+        .collect();
+    let mean: Vec<f32> = (0..dim)
+        .map(|j| rows.iter().map(|r| r[j]).sum::<f32>() / honest as f32)
+        .collect();
+    rows.extend((0..attackers).map(|_| mean.iter().map(|v| -4.0 * v).collect::<Vec<f32>>()));
+    let weights = vec![1.0; rows.len()];
+    let input = slices(&rows, &weights);
+    let error = |delta: &[f32]| {
+        delta
+            .iter()
+            .zip(&mean)
+            .map(|(d, m)| (d - m).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let plain = aggregate(&Strategy::Median { mixing: None }, dim, &input).unwrap();
+    let mixed = aggregate(
+        &Strategy::Median {
+            mixing: Some(attackers),
+        },
+        dim,
+        &input,
+    )
+    .unwrap();
+    let trimmed = aggregate(
+        &Strategy::TrimmedMean {
+            beta: 0.3,
+            mixing: Some(attackers),
+        },
+        dim,
+        &input,
+    )
+    .unwrap();
+    // The honest mean is 1.08 on every coordinate; the plain median sits at
+    // 0.1, the mixed rules within a few hundredths of the mean.
+    assert!(error(&plain.delta) > 0.9, "{:?}", plain.delta);
+    assert!(error(&mixed.delta) < 0.05, "{:?}", mixed.delta);
+    assert!(error(&trimmed.delta) < 0.05, "{:?}", trimmed.delta);
+    assert_eq!(mixed.used, rows.len());
+    // Mixing needs more than 2f updates.
+    assert!(matches!(
+        aggregate(&Strategy::Median { mixing: Some(25) }, dim, &input),
+        Err(Error::TooFew {
+            need: 51,
+            have: 50,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -335,8 +414,11 @@ fn bad_updates_are_rejected_and_leave_the_aggregator_unchanged() {
     let strategies = [
         Strategy::FedAvg,
         Strategy::FedProx { mu: 0.1 },
-        Strategy::Median,
-        Strategy::TrimmedMean { beta: 0.1 },
+        Strategy::Median { mixing: None },
+        Strategy::TrimmedMean {
+            beta: 0.1,
+            mixing: None,
+        },
         Strategy::MultiKrum {
             byzantine: 0,
             keep: 0,
@@ -471,9 +553,18 @@ fn multi_krum_needs_enough_updates() {
 #[test]
 fn parameters_are_validated() {
     for strategy in [
-        Strategy::TrimmedMean { beta: 0.5 },
-        Strategy::TrimmedMean { beta: -0.1 },
-        Strategy::TrimmedMean { beta: f32::NAN },
+        Strategy::TrimmedMean {
+            beta: 0.5,
+            mixing: None,
+        },
+        Strategy::TrimmedMean {
+            beta: -0.1,
+            mixing: None,
+        },
+        Strategy::TrimmedMean {
+            beta: f32::NAN,
+            mixing: None,
+        },
         Strategy::FedProx { mu: -1.0 },
         Strategy::FedProx { mu: f32::INFINITY },
     ] {
@@ -496,7 +587,7 @@ fn parameters_are_validated() {
 fn zero_dimensional_updates_aggregate_to_nothing() {
     for strategy in [
         Strategy::FedAvg,
-        Strategy::Median,
+        Strategy::Median { mixing: None },
         Strategy::MultiKrum {
             byzantine: 0,
             keep: 0,
@@ -519,11 +610,34 @@ fn names_serde_and_streaming() {
             r#"{"name":"fedprox","mu":0.5}"#,
             true,
         ),
-        (Strategy::Median, "median", r#"{"name":"median"}"#, false),
         (
-            Strategy::TrimmedMean { beta: 0.25 },
+            Strategy::Median { mixing: None },
+            "median",
+            r#"{"name":"median"}"#,
+            false,
+        ),
+        (
+            Strategy::TrimmedMean {
+                beta: 0.25,
+                mixing: None,
+            },
             "trimmed_mean",
             r#"{"name":"trimmed_mean","beta":0.25}"#,
+            false,
+        ),
+        (
+            Strategy::Median { mixing: Some(3) },
+            "median",
+            r#"{"name":"median","mixing":3}"#,
+            false,
+        ),
+        (
+            Strategy::TrimmedMean {
+                beta: 0.25,
+                mixing: Some(3),
+            },
+            "trimmed_mean",
+            r#"{"name":"trimmed_mean","beta":0.25,"mixing":3}"#,
             false,
         ),
         (
