@@ -188,17 +188,19 @@ fn binomial_at_most(k: usize, p: f64, m: usize) -> f64 {
         return 1.0;
     }
     let (lp, lq) = (p.ln(), (1.0 - p).ln());
-    // ln C(k, i) p^i q^(k-i), by the ratio of consecutive terms.
+    // ln C(k, i) p^i q^(k-i), by the ratio of consecutive terms, summed as
+    // a running log-sum-exp: `sum` is the total divided by e^top.
     let mut term = k as f64 * lq;
-    let mut terms = Vec::with_capacity(m.min(k) + 1);
-    for i in 0..=m.min(k) {
-        if i > 0 {
-            term += ((k - i + 1) as f64 / i as f64).ln() + lp - lq;
+    let (mut top, mut sum) = (term, 1.0f64);
+    for i in 1..=m.min(k) {
+        term += ((k - i + 1) as f64 / i as f64).ln() + lp - lq;
+        if term > top {
+            sum = sum * (top - term).exp() + 1.0;
+            top = term;
+        } else {
+            sum += (term - top).exp();
         }
-        terms.push(term);
     }
-    let top = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let sum: f64 = terms.iter().map(|t| (t - top).exp()).sum();
     (top + sum.ln()).exp().min(1.0)
 }
 
