@@ -709,8 +709,8 @@ fn refuse(reason: &'static str, status: StatusCode, detail: String) -> Refusal {
 }
 
 /// Checks that `device` may submit `kind` in `round` now. Counts and
-/// returns the refusal otherwise.
-fn admit(
+/// returns the refusal otherwise, once the count is stored.
+async fn admit(
     state: &AppState,
     id: &str,
     round: u32,
@@ -718,6 +718,29 @@ fn admit(
     kind: &'static str,
     phase: FlPhase,
 ) -> Result<(FlTaskRecord, Option<u32>), ApiError> {
+    match admit_now(state, id, round, device, kind, phase)? {
+        Ok(admitted) => Ok(admitted),
+        Err((counts, error)) => {
+            store_refusals(counts).await;
+            Err(error)
+        }
+    }
+}
+
+/// A refusal counted in memory: the counts to store, and the error.
+type Counted = (Option<RefusalCounts>, ApiError);
+
+/// [`admit`] under the coordinator's lock: the task and the device's
+/// roster index, or the counted refusal.
+#[allow(clippy::type_complexity)]
+fn admit_now(
+    state: &AppState,
+    id: &str,
+    round: u32,
+    device: &DeviceId,
+    kind: &'static str,
+    phase: FlPhase,
+) -> Result<Result<(FlTaskRecord, Option<u32>), Counted>, ApiError> {
     let mut tasks = state.coordinator().lock()?;
     let t = tasks.get_mut(id).ok_or_else(|| no_task(id))?;
     let refusal = (|| {
@@ -782,45 +805,59 @@ fn admit(
         }
         Ok(index)
     })();
-    match refusal {
+    Ok(match refusal {
         Ok(index) => Ok((t.rec.clone(), index)),
-        Err(r) => {
-            count_refusal(state, t, r.reason);
-            Err(r.error)
-        }
-    }
+        Err(r) => Err((count_refusal(state, t, r.reason), r.error)),
+    })
 }
 
-fn count_refusal(state: &AppState, t: &mut TaskRt, reason: &'static str) {
+/// A round's refusal counts as they stood after one more refusal.
+struct RefusalCounts {
+    store: crate::store::Store,
+    task: String,
+    round: u32,
+    refused: String,
+}
+
+/// Counts a refusal in memory and in the metrics; what it returns is
+/// stored (by [`store_refusals`]) before the refusal is answered, so that a
+/// restarted hub still reports every refusal a device was told of.
+fn count_refusal(state: &AppState, t: &mut TaskRt, reason: &'static str) -> Option<RefusalCounts> {
     state
         .metrics()
         .fl_refused
         .get_or_create(&FlLabels { reason })
         .inc();
-    if let Some(r) = t.round.as_mut() {
-        *r.refused.entry(reason.to_owned()).or_default() += 1;
-        // Kept with the round so that a restarted hub still reports them.
-        let (store, task, round, refused) = (
-            state.store().clone(),
-            t.rec.id.clone(),
-            r.rec.round,
-            r.refused_json(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = store.set_fl_refused(task, round, refused).await {
-                tracing::warn!(error = %e, "cannot store a round's refusal counts");
-            }
-        });
+    let r = t.round.as_mut()?;
+    *r.refused.entry(reason.to_owned()).or_default() += 1;
+    Some(RefusalCounts {
+        store: state.store().clone(),
+        task: t.rec.id.clone(),
+        round: r.rec.round,
+        refused: r.refused_json(),
+    })
+}
+
+/// Stores a round's refusal counts. Counts only grow, and the store keeps
+/// the larger of each, so concurrent refusals stored out of order lose
+/// nothing.
+async fn store_refusals(counts: Option<RefusalCounts>) {
+    if let Some(c) = counts
+        && let Err(e) = c.store.set_fl_refused(c.task, c.round, c.refused).await
+    {
+        tracing::warn!(error = %e, "cannot store a round's refusal counts");
     }
 }
 
 /// Counts a refusal found after admission (a bad body).
-fn refuse_late(state: &AppState, id: &str, r: Refusal) -> ApiError {
-    if let Ok(mut tasks) = state.coordinator().lock()
-        && let Some(t) = tasks.get_mut(id)
-    {
-        count_refusal(state, t, r.reason);
-    }
+async fn refuse_late(state: &AppState, id: &str, r: Refusal) -> ApiError {
+    let counts = match state.coordinator().lock() {
+        Ok(mut tasks) => tasks
+            .get_mut(id)
+            .and_then(|t| count_refusal(state, t, r.reason)),
+        Err(_) => None,
+    };
+    store_refusals(counts).await;
     r.error
 }
 
@@ -835,17 +872,19 @@ async fn record<T: Serialize>(
     checked: Result<(), Refusal>,
     body: &T,
 ) -> Result<StatusCode, ApiError> {
-    checked.map_err(|r| refuse_late(state, id, r))?;
+    if let Err(r) = checked {
+        return Err(refuse_late(state, id, r).await);
+    }
     let body = serde_json::to_vec(body).map_err(ApiError::internal)?;
     let stored = state
         .store()
         .put_fl_submission(id.to_owned(), round, device.clone(), kind, body)
         .await
         .map_err(ApiError::internal)?;
-    mark(state, id, round, device, kind, stored)
+    mark(state, id, round, device, kind, stored).await
 }
 
-fn mark(
+async fn mark(
     state: &AppState,
     id: &str,
     round: u32,
@@ -862,7 +901,8 @@ fn mark(
                 StatusCode::CONFLICT,
                 format!("device {device} already sent its {kind} for round {round}"),
             ),
-        ));
+        )
+        .await);
     }
     {
         let mut tasks = state.coordinator().lock()?;
@@ -904,7 +944,7 @@ pub async fn post_update(
     Path((id, round)): Path<(String, u32)>,
     Json(update): Json<FlUpdate>,
 ) -> Result<StatusCode, ApiError> {
-    let (task, _) = admit(&state, &id, round, &device.id, "update", FlPhase::Train)?;
+    let (task, _) = admit(&state, &id, round, &device.id, "update", FlPhase::Train).await?;
     let dim = task.spec.model.num_params();
     let checked = (|| {
         if update.delta.0.len() != dim {
@@ -947,7 +987,7 @@ pub async fn post_advertise(
     Path((id, round)): Path<(String, u32)>,
     Json(body): Json<FlAdvertise>,
 ) -> Result<StatusCode, ApiError> {
-    let (task, _) = admit(&state, &id, round, &device.id, "keys", FlPhase::Advertise)?;
+    let (task, _) = admit(&state, &id, round, &device.id, "keys", FlPhase::Advertise).await?;
     let checked = match task.spec.secagg {
         Some(_) => Ok(()),
         None => Err(refuse(
@@ -970,7 +1010,7 @@ pub async fn post_shares(
     Path((id, round)): Path<(String, u32)>,
     Json(body): Json<FlShares>,
 ) -> Result<StatusCode, ApiError> {
-    let (task, index) = admit(&state, &id, round, &device.id, "shares", FlPhase::Share)?;
+    let (task, index) = admit(&state, &id, round, &device.id, "shares", FlPhase::Share).await?;
     let me = index.unwrap_or(u32::MAX) as usize;
     let roster = {
         let tasks = state.coordinator().lock()?;
@@ -1007,7 +1047,8 @@ pub async fn post_shares(
                     roster.holders_len()
                 ),
             ),
-        ));
+        )
+        .await);
     }
     let rows = body
         .shares
@@ -1023,7 +1064,7 @@ pub async fn post_shares(
         .put_fl_shares(id.clone(), round, device.id.clone(), rows)
         .await
         .map_err(ApiError::internal)?;
-    mark(&state, &id, round, &device.id, "shares", stored)
+    mark(&state, &id, round, &device.id, "shares", stored).await
 }
 
 /// Secure aggregation, phase 2: the shares addressed to this device.
@@ -1084,7 +1125,7 @@ pub async fn post_masked(
     Path((id, round)): Path<(String, u32)>,
     Json(body): Json<FlMasked>,
 ) -> Result<StatusCode, ApiError> {
-    let (task, index) = admit(&state, &id, round, &device.id, "masked", FlPhase::Masked)?;
+    let (task, index) = admit(&state, &id, round, &device.id, "masked", FlPhase::Masked).await?;
     let in_u2 = {
         let tasks = state.coordinator().lock()?;
         tasks
@@ -1129,7 +1170,7 @@ pub async fn post_unmask(
     Path((id, round)): Path<(String, u32)>,
     Json(body): Json<FlUnmask>,
 ) -> Result<StatusCode, ApiError> {
-    let (_, index) = admit(&state, &id, round, &device.id, "unmask", FlPhase::Unmask)?;
+    let (_, index) = admit(&state, &id, round, &device.id, "unmask", FlPhase::Unmask).await?;
     let checked = if body.revealed.iter().any(|s| Some(s.holder) != index) {
         Err(refuse(
             "invalid",

@@ -319,7 +319,10 @@ impl Store {
         .await
     }
 
-    /// Records the refusal counts of a round.
+    /// Records the refusal counts of a round (a JSON object of counts by
+    /// reason), keeping for each reason the larger of the stored and the
+    /// given count: counts only grow, so a snapshot that arrives after a
+    /// newer one takes nothing back.
     pub async fn set_fl_refused(
         &self,
         task_id: String,
@@ -327,10 +330,29 @@ impl Store {
         refused: String,
     ) -> Result<(), Error> {
         self.call(move |c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let stored: Option<String> = tx
+                .query_row(
+                    "SELECT refused FROM fl_rounds WHERE task_id = ?1 AND round = ?2",
+                    params![task_id, i64::from(round)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let parse = |text: &str| {
+                serde_json::from_str::<std::collections::BTreeMap<String, u64>>(text)
+                    .unwrap_or_default()
+            };
+            let mut counts = parse(&refused);
+            for (reason, n) in parse(stored.as_deref().unwrap_or("{}")) {
+                let c = counts.entry(reason).or_default();
+                *c = (*c).max(n);
+            }
+            let merged = serde_json::to_string(&counts).unwrap_or(refused);
+            tx.execute(
                 "UPDATE fl_rounds SET refused = ?3 WHERE task_id = ?1 AND round = ?2",
-                params![task_id, i64::from(round), refused],
+                params![task_id, i64::from(round), merged],
             )?;
+            tx.commit()?;
             Ok(())
         })
         .await
