@@ -8,23 +8,24 @@
 //! each text's tokens and L2-normalised: the sentence-transformers recipe for
 //! these models.
 //!
-//! Why llama.cpp and not a tensor library: measured on the same sentences,
-//! its CPU kernels (AVX-512 and AVX2 matrix multiplication, fused norms and
-//! attention) run MiniLM several times faster than candle did, and texts of
-//! a batch are packed end to end with no padding at all: each text attends
-//! only to itself, so an embedding is the same whatever it is batched with.
-//! A safetensors model is converted to a temporary GGUF file at load time
-//! ([`convert`], one tensor at a time), weights as `F16` by default.
-//!
-//! One worker thread owns the llama.cpp context (a context is not safe to
-//! share between threads); callers hand it packed batches and wait.
+//! A safetensors checkpoint runs on Strata's own encoder ([`encoder`]):
+//! weights packed once at load time (half precision by default), texts of a
+//! batch packed end to end with no padding (each text attends only to
+//! itself, so an embedding is the same whatever it is batched with), and
+//! every product split between a small team of threads ([`kernels`]). It
+//! replaced llama.cpp for these models because it measured faster on the
+//! same sentences (BENCHMARKS.md): a BERT call is a few dozen small
+//! products, and llama.cpp builds and allocates a graph for each call. A
+//! GGUF `bert` file still runs on llama.cpp, through one worker thread that
+//! owns its context (a context is not safe to share between threads).
 
-mod convert;
+mod encoder;
+mod kernels;
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use llama_cpp_2::context::LlamaContext;
@@ -38,37 +39,22 @@ use tokenizers::{Tokenizer, TruncationParams};
 use crate::backend::{ModelBackend, ModelInfo, ModelKind, TextEmbedder};
 use crate::error::{Error, Result};
 use crate::gguf;
+use encoder::{BertConfig, Encoder, Scratch};
+use kernels::Team;
 
 /// Most texts one llama.cpp batch may hold (llama.cpp's sequence limit).
 pub const MAX_BATCH_LIMIT: usize = 256;
 
-/// How the weights of a converted model are stored in memory.
+/// How the weights of a safetensors model are stored in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// Half-precision matrices: half the memory, faster on CPUs with F16C
-    /// and AVX-512; embeddings differ from `F32` by about 1e-3.
+    /// Half-precision matrices (computed in single precision): half the
+    /// memory and faster; embeddings differ from `F32` by about 1e-4.
     #[default]
     F16,
     /// The checkpoint's own 32-bit floats.
     F32,
-}
-
-impl Precision {
-    fn tensor_type(self) -> gguf::write::TensorType {
-        match self {
-            Precision::F16 => gguf::write::TensorType::F16,
-            Precision::F32 => gguf::write::TensorType::F32,
-        }
-    }
-
-    /// The GGUF `general.file_type` of a model stored this way.
-    fn file_type(self) -> u32 {
-        match self {
-            Precision::F16 => 1,
-            Precision::F32 => 0,
-        }
-    }
 }
 
 /// How an embedding model is served.
@@ -82,7 +68,7 @@ pub struct EmbeddingConfig {
     pub max_batch: usize,
     /// CPU threads the encoder uses. Default 2.
     pub threads: u32,
-    /// Weight precision of a converted safetensors model. Default `F16`.
+    /// Weight precision of a safetensors model. Default `F16`.
     pub precision: Precision,
 }
 
@@ -131,6 +117,22 @@ struct Job {
     reply: mpsc::Sender<Result<Vec<Vec<f32>>>>,
 }
 
+/// What runs the encoder.
+enum Engine {
+    /// Strata's encoder; one call at a time uses the team.
+    Native {
+        encoder: Box<Encoder>,
+        state: Mutex<NativeState>,
+    },
+    /// llama.cpp's, on its worker thread.
+    Llama(mpsc::Sender<Job>),
+}
+
+struct NativeState {
+    team: Team,
+    scratch: Scratch,
+}
+
 /// A loaded sentence-embedding model. `Send + Sync`; `embed` takes `&self`.
 pub struct Embedder {
     info: ModelInfo,
@@ -138,9 +140,9 @@ pub struct Embedder {
     tokenizer_path: PathBuf,
     dimension: usize,
     max_batch: usize,
-    /// Most tokens one llama.cpp batch holds (at least one longest text).
+    /// Most tokens one batch holds (at least one longest text).
     batch_tokens: usize,
-    jobs: mpsc::Sender<Job>,
+    engine: Engine,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -162,62 +164,26 @@ impl Embedder {
                 ),
             });
         }
-        let load_err = |reason: String| Error::LlamaLoad {
-            path: files.weights.clone(),
-            reason,
-        };
-        let backend = crate::llm::backend().map_err(load_err)?;
-
-        // A GGUF file loads as it is; a safetensors checkpoint is converted
-        // to a GGUF image in a temporary file that llama.cpp reads into
-        // memory and that is removed straight after.
-        let (model, size_bytes, parameter_count, file_kind) = if files.is_gguf() {
-            let summary = gguf::inspect(&files.weights)?;
-            if summary.architecture() != Some("bert") {
-                return Err(Error::InvalidGguf {
-                    path: files.weights.clone(),
-                    reason: format!(
-                        "architecture {:?} is not an embedding model (expected \"bert\")",
-                        summary.architecture().unwrap_or("none")
-                    ),
-                });
-            }
-            let model =
-                LlamaModel::load_from_file(backend, &files.weights, &LlamaModelParams::default())
-                    .map_err(|e| load_err(e.to_string()))?;
-            (model, summary.file_bytes, summary.parameter_count, "gguf")
+        let loaded = if files.is_gguf() {
+            Self::load_llama(id, files, config)?
         } else {
-            let bert = convert::BertConfig::read(&files.config)?;
-            let size_bytes = std::fs::metadata(&files.weights)
-                .map_err(Error::io(&files.weights))?
-                .len();
-            let tmp = tempfile::Builder::new()
-                .prefix("strata-embedding-")
-                .suffix(".gguf")
-                .tempfile()
-                .map_err(|e| load_err(format!("cannot create a temporary file: {e}")))?;
-            let parameters = convert::write_gguf(
-                files,
-                &bert,
-                config.precision,
-                std::io::BufWriter::new(tmp.as_file()),
-            )?;
-            let params = LlamaModelParams::default().with_use_mmap(false);
-            let model = LlamaModel::load_from_file(backend, tmp.path(), &params)
-                .map_err(|e| load_err(e.to_string()))?;
-            drop(tmp);
-            (model, size_bytes, parameters, "safetensors")
+            Self::load_native(id, files, config)?
         };
-        let model = Arc::new(model);
-        let dimension = usize::try_from(model.n_embd()).unwrap_or(0);
-        let trained = usize::try_from(model.n_ctx_train()).unwrap_or(512).max(1);
-
         let tok_err = |reason: String| Error::Tokenizer {
             path: files.tokenizer.clone(),
             reason,
         };
         let mut tokenizer =
             Tokenizer::from_file(&files.tokenizer).map_err(|e| tok_err(e.to_string()))?;
+        let Loaded {
+            engine,
+            dimension,
+            trained,
+            parameters,
+            size_bytes,
+            format,
+        } = loaded;
+
         let max_length = config.max_length.unwrap_or(trained).clamp(1, trained);
         // Texts are packed without padding; the file's own padding (often
         // fixed to 128) would only add work.
@@ -228,15 +194,127 @@ impl Embedder {
                 ..TruncationParams::default()
             }))
             .map_err(|e| tok_err(e.to_string()))?;
-
-        // One llama.cpp batch holds a longest text, or a full batch of
-        // ordinary sentences, whichever is more.
+        // One batch holds a longest text, or a full batch of ordinary
+        // sentences, whichever is more.
         let batch_tokens = max_length.max(512);
+        let engine = match engine {
+            PendingEngine::Native(encoder) => Engine::Native {
+                encoder: Box::new(encoder),
+                state: Mutex::new(NativeState {
+                    team: Team::new(config.threads as usize, &format!("embed-{id}")).map_err(
+                        |e| Error::LlamaLoad {
+                            path: files.weights.clone(),
+                            reason: format!("cannot start encoder threads: {e}"),
+                        },
+                    )?,
+                    scratch: Scratch::default(),
+                }),
+            },
+            PendingEngine::Llama(model) => {
+                Engine::Llama(Self::start_llama(id, files, config, model, batch_tokens)?)
+            }
+        };
+
+        let info = ModelInfo {
+            id: id.to_owned(),
+            kind: ModelKind::Embedding,
+            path: Some(files.weights.clone()),
+            name: None,
+            architecture: "bert".to_owned(),
+            parameter_count: Some(parameters),
+            size_bytes: Some(size_bytes),
+            context_length: Some(max_length),
+            output_dim: Some(dimension),
+        };
+        tracing::info!(
+            model = id,
+            path = %files.weights.display(),
+            format,
+            precision = ?config.precision,
+            "loaded embedding model"
+        );
+        Ok(Embedder {
+            info,
+            tokenizer,
+            tokenizer_path: files.tokenizer.clone(),
+            dimension,
+            max_batch: config.max_batch,
+            batch_tokens,
+            engine,
+        })
+    }
+
+    /// Reads a safetensors checkpoint into Strata's encoder.
+    fn load_native(id: &str, files: &EmbeddingFiles, config: &EmbeddingConfig) -> Result<Loaded> {
+        let bert = BertConfig::read(&files.config)?;
+        let size_bytes = std::fs::metadata(&files.weights)
+            .map_err(Error::io(&files.weights))?
+            .len();
+        let encoder = Encoder::load(&files.weights, &bert, config.precision == Precision::F16)?;
+        tracing::debug!(
+            model = id,
+            weight_bytes = encoder.weight_bytes(),
+            "packed encoder weights"
+        );
+        Ok(Loaded {
+            dimension: encoder.dimension(),
+            trained: encoder.max_positions().max(1),
+            parameters: encoder.parameters(),
+            size_bytes,
+            format: "safetensors",
+            engine: PendingEngine::Native(encoder),
+        })
+    }
+
+    /// Loads a GGUF `bert` file into llama.cpp.
+    fn load_llama(id: &str, files: &EmbeddingFiles, config: &EmbeddingConfig) -> Result<Loaded> {
+        let _ = (id, config);
+        let load_err = |reason: String| Error::LlamaLoad {
+            path: files.weights.clone(),
+            reason,
+        };
+        let backend = crate::llm::backend().map_err(load_err)?;
+        let summary = gguf::inspect(&files.weights)?;
+        if summary.architecture() != Some("bert") {
+            return Err(Error::InvalidGguf {
+                path: files.weights.clone(),
+                reason: format!(
+                    "architecture {:?} is not an embedding model (expected \"bert\")",
+                    summary.architecture().unwrap_or("none")
+                ),
+            });
+        }
+        let model =
+            LlamaModel::load_from_file(backend, &files.weights, &LlamaModelParams::default())
+                .map_err(|e| load_err(e.to_string()))?;
+        Ok(Loaded {
+            dimension: usize::try_from(model.n_embd()).unwrap_or(0),
+            trained: usize::try_from(model.n_ctx_train()).unwrap_or(512).max(1),
+            parameters: summary.parameter_count,
+            size_bytes: summary.file_bytes,
+            format: "gguf",
+            engine: PendingEngine::Llama(Arc::new(model)),
+        })
+    }
+
+    /// Starts the worker thread that owns the llama.cpp context.
+    fn start_llama(
+        id: &str,
+        files: &EmbeddingFiles,
+        config: &EmbeddingConfig,
+        model: Arc<LlamaModel>,
+        batch_tokens: usize,
+    ) -> Result<mpsc::Sender<Job>> {
+        let load_err = |reason: String| Error::LlamaLoad {
+            path: files.weights.clone(),
+            reason,
+        };
+        let backend = crate::llm::backend().map_err(load_err)?;
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let worker = Worker {
             model_id: id.to_owned(),
-            model: Arc::clone(&model),
-            dimension,
+            dimension: usize::try_from(model.n_embd()).unwrap_or(0),
+            model,
         };
         let threads = i32::try_from(config.threads).unwrap_or(i32::MAX);
         let max_batch = config.max_batch;
@@ -246,38 +324,10 @@ impl Embedder {
             .spawn(move || worker.run(backend, batch_tokens, max_batch, threads, jobs_rx, ready_tx))
             .map_err(|e| load_err(format!("cannot start worker thread: {e}")))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(load_err(reason)),
-            Err(_) => return Err(load_err("worker thread stopped while starting".into())),
+            Ok(Ok(())) => Ok(jobs_tx),
+            Ok(Err(reason)) => Err(load_err(reason)),
+            Err(_) => Err(load_err("worker thread stopped while starting".into())),
         }
-
-        let info = ModelInfo {
-            id: id.to_owned(),
-            kind: ModelKind::Embedding,
-            path: Some(files.weights.clone()),
-            name: None,
-            architecture: "bert".to_owned(),
-            parameter_count: Some(parameter_count),
-            size_bytes: Some(size_bytes),
-            context_length: Some(max_length),
-            output_dim: Some(dimension),
-        };
-        tracing::info!(
-            model = id,
-            path = %files.weights.display(),
-            format = file_kind,
-            precision = ?config.precision,
-            "loaded embedding model"
-        );
-        Ok(Embedder {
-            info,
-            tokenizer,
-            tokenizer_path: files.tokenizer.clone(),
-            dimension,
-            max_batch,
-            batch_tokens,
-            jobs: jobs_tx,
-        })
     }
 
     /// What the runtime knows about the model.
@@ -342,16 +392,36 @@ impl Embedder {
             }
         }
 
-        let (reply_tx, reply_rx) = mpsc::channel();
-        let sent = self.jobs.send(Job {
-            batches,
-            reply: reply_tx,
-        });
-        let stopped = || Error::WorkersStopped {
-            model: self.info.id.clone(),
+        let vectors = match &self.engine {
+            Engine::Native { encoder, state } => {
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                let NativeState { team, scratch } = &mut *state;
+                let mut all = Vec::with_capacity(encoded.len());
+                for texts in &batches {
+                    let vectors =
+                        encoder
+                            .encode(team, scratch, texts)
+                            .map_err(|reason| Error::Decode {
+                                model: self.info.id.clone(),
+                                reason,
+                            })?;
+                    all.extend(vectors);
+                }
+                all
+            }
+            Engine::Llama(jobs) => {
+                let (reply_tx, reply_rx) = mpsc::channel();
+                let sent = jobs.send(Job {
+                    batches,
+                    reply: reply_tx,
+                });
+                let stopped = || Error::WorkersStopped {
+                    model: self.info.id.clone(),
+                };
+                sent.map_err(|_| stopped())?;
+                reply_rx.recv().map_err(|_| stopped())??
+            }
         };
-        sent.map_err(|_| stopped())?;
-        let vectors = reply_rx.recv().map_err(|_| stopped())??;
 
         let mut out = vec![Vec::new(); encoded.len()];
         for (i, v) in members.into_iter().flatten().zip(vectors) {
@@ -359,6 +429,22 @@ impl Embedder {
         }
         Ok(out)
     }
+}
+
+/// What loading found, before the engine starts.
+struct Loaded {
+    engine: PendingEngine,
+    dimension: usize,
+    /// Longest text the model was trained for.
+    trained: usize,
+    parameters: u64,
+    size_bytes: u64,
+    format: &'static str,
+}
+
+enum PendingEngine {
+    Native(Encoder),
+    Llama(Arc<LlamaModel>),
 }
 
 /// The thread that owns the llama.cpp context.

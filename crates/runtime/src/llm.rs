@@ -701,6 +701,7 @@ impl Worker {
             text: String::new(),
             tokens: Vec::new(),
             stop: false,
+            unsettled: false,
         };
         let finish = |out: Output<'_>,
                       reason: FinishReason,
@@ -787,20 +788,33 @@ impl Worker {
                         .unwrap_or_default(),
                 );
             }
-            if job.cancel.is_cancelled() || out.stop {
+            if job.cancel.is_cancelled() {
                 break FinishReason::Cancelled;
             }
-            if out.tokens.len() >= job.max_tokens {
-                break FinishReason::MaxTokens;
-            }
-            if pos >= n_ctx {
+            if out.tokens.len() >= job.max_tokens || pos >= n_ctx {
+                // The verdict on this last chunk still decides the reason.
+                out.settle();
+                if out.stop {
+                    break FinishReason::Cancelled;
+                }
+                if out.tokens.len() >= job.max_tokens {
+                    break FinishReason::MaxTokens;
+                }
                 break FinishReason::ContextFull;
             }
             batch.clear();
             batch
                 .add(token, pos as i32, &[0], true)
                 .map_err(|e| self.decode_err(e))?;
+            // The consumer handles the chunk while the next token is
+            // computed; its verdict is read before that token is sampled,
+            // so a `Break` still stops generation right after the chunk it
+            // was given.
             ctx.decode(batch).map_err(|e| self.decode_err(e))?;
+            out.settle();
+            if out.stop || job.cancel.is_cancelled() {
+                break FinishReason::Cancelled;
+            }
             pos += 1;
             steps += 1;
             logits_index = 0;
@@ -812,6 +826,7 @@ impl Worker {
                 out.emit(tail, None);
             }
         }
+        out.settle();
         let decode_ms = ms(prefill_done.elapsed());
         Ok(finish(out, reason, prefill_ms, decode_ms, steps))
     }
@@ -825,10 +840,16 @@ struct Output<'a> {
     tokens: Vec<GeneratedToken>,
     /// The caller's callback asked to stop, or the caller went away.
     stop: bool,
+    /// A chunk was sent whose verdict has not been read yet.
+    unsettled: bool,
 }
 
 impl Output<'_> {
+    /// Sends a chunk to the caller; [`Output::settle`] reads its verdict.
+    /// At most one chunk is ever awaiting a verdict: a slow consumer slows
+    /// generation down (backpressure) instead of piling chunks up.
     fn emit(&mut self, text: String, token: Option<GeneratedToken>) {
+        self.settle();
         self.text.push_str(&text);
         if let Some(t) = &token {
             self.tokens.push(t.clone());
@@ -837,10 +858,16 @@ impl Output<'_> {
             .events
             .send(Event::Chunk(StreamChunk { text, token }))
             .is_ok();
-        // Wait for the callback's verdict: a slow consumer slows generation
-        // down (backpressure) instead of piling chunks up, and a `Break`
-        // takes effect before another token is generated.
-        if !delivered || self.acks.recv() != Ok(true) {
+        if delivered {
+            self.unsettled = true;
+        } else {
+            self.stop = true;
+        }
+    }
+
+    /// Waits for the verdict on the chunk last sent, if it is still out.
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.unsettled) && self.acks.recv() != Ok(true) {
             self.stop = true;
         }
     }

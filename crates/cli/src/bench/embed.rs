@@ -1,4 +1,4 @@
-//! Sentence embeddings per second: `runtime::Embedder` (llama.cpp) against the
+//! Sentence embeddings per second: `runtime::Embedder` (Strata's encoder) against the
 //! numpy and ONNX Runtime peers in `bench/peers/`, on the same sentences,
 //! at batch 1 and batch 32, with the same number of threads.
 //!
@@ -9,7 +9,7 @@
 //! sentence-transformers' `encode` and `Embedder::embed` both do).
 //!
 //! Threads: Strata's side runs in its own process (`strata bench
-//! embed-worker --threads N`), its encoder on N llama.cpp threads. The peers
+//! embed-worker --threads N`), its encoder on a team of N threads. The peers
 //! get `--threads` (which sets `OMP_NUM_THREADS`, `OPENBLAS_NUM_THREADS` and
 //! `MKL_NUM_THREADS` before numpy loads, and ONNX Runtime's intra-op
 //! threads) and the same variables in their environment.
@@ -62,7 +62,7 @@ pub(crate) struct WorkerArgs {
     /// CPU threads of the encoder.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: u32,
-    /// Weight precision of the converted model: f16 or f32.
+    /// Weight precision of the packed model: f16 or f32.
     #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
     precision: String,
 }
@@ -172,7 +172,7 @@ enum Engine {
 impl Engine {
     fn name(self) -> &'static str {
         match self {
-            Engine::Strata => "Strata (llama.cpp)",
+            Engine::Strata => "Strata",
             Engine::Numpy => "numpy",
             Engine::Onnx => "ONNX Runtime",
         }
