@@ -347,6 +347,9 @@ struct Job {
     events: mpsc::Sender<Event>,
     /// The caller's verdict on each chunk: `true` to go on, `false` to stop.
     acks: mpsc::Receiver<bool>,
+    /// Whether the caller wants each chunk as it comes; if not, only the
+    /// finished generation is sent.
+    stream: bool,
     enqueued: Instant,
 }
 
@@ -539,6 +542,16 @@ impl LlmModel {
         &self,
         request: &GenerationRequest,
         cancel: &CancelToken,
+        on_chunk: impl FnMut(&StreamChunk) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.run(request, cancel, true, on_chunk)
+    }
+
+    fn run(
+        &self,
+        request: &GenerationRequest,
+        cancel: &CancelToken,
+        stream: bool,
         mut on_chunk: impl FnMut(&StreamChunk) -> ControlFlow<()>,
     ) -> Result<Generation> {
         request.sampling.validate()?;
@@ -568,6 +581,7 @@ impl LlmModel {
             cancel: cancel.clone(),
             events: events_tx,
             acks: acks_rx,
+            stream,
             enqueued: Instant::now(),
         };
         let stopped = || Error::WorkersStopped {
@@ -589,8 +603,12 @@ impl LlmModel {
     }
 
     /// Generates a completion without streaming.
+    /// Chunks are not sent to this thread one by one: the worker hands over
+    /// the finished generation only, and wakes no other thread per token.
     pub fn complete(&self, request: &GenerationRequest) -> Result<Generation> {
-        self.generate(request, &CancelToken::new(), |_| ControlFlow::Continue(()))
+        self.run(request, &CancelToken::new(), false, |_| {
+            ControlFlow::Continue(())
+        })
     }
 }
 
@@ -696,12 +714,12 @@ impl Worker {
         // (and prompts were checked against) is the configured one.
         let n_ctx = (ctx.n_ctx() as usize).min(self.context_length);
         let mut out = Output {
+            stream: job.stream,
             events: &job.events,
             acks: &job.acks,
             text: String::new(),
             tokens: Vec::new(),
             stop: false,
-            unsettled: false,
         };
         let finish = |out: Output<'_>,
                       reason: FinishReason,
@@ -731,7 +749,12 @@ impl Worker {
 
         // Prefill, in batches of at most `batch_size` tokens; only the last
         // prompt token needs logits.
-        ctx.clear_kv_cache();
+        // Forget the previous request's tokens. Only the cache's bookkeeping
+        // is reset: clearing its data too would write the whole cache (45
+        // MiB for SmolLM2 at 2048 tokens) before every prompt, and cells
+        // that hold no token are masked out anyway.
+        ctx.clear_kv_cache_seq(None, None, None)
+            .map_err(|e| self.decode_err(e))?;
         for (c, chunk) in job.tokens.chunks(self.batch_size).enumerate() {
             batch.clear();
             for (j, &token) in chunk.iter().enumerate() {
@@ -788,33 +811,20 @@ impl Worker {
                         .unwrap_or_default(),
                 );
             }
-            if job.cancel.is_cancelled() {
+            if job.cancel.is_cancelled() || out.stop {
                 break FinishReason::Cancelled;
             }
-            if out.tokens.len() >= job.max_tokens || pos >= n_ctx {
-                // The verdict on this last chunk still decides the reason.
-                out.settle();
-                if out.stop {
-                    break FinishReason::Cancelled;
-                }
-                if out.tokens.len() >= job.max_tokens {
-                    break FinishReason::MaxTokens;
-                }
+            if out.tokens.len() >= job.max_tokens {
+                break FinishReason::MaxTokens;
+            }
+            if pos >= n_ctx {
                 break FinishReason::ContextFull;
             }
             batch.clear();
             batch
                 .add(token, pos as i32, &[0], true)
                 .map_err(|e| self.decode_err(e))?;
-            // The consumer handles the chunk while the next token is
-            // computed; its verdict is read before that token is sampled,
-            // so a `Break` still stops generation right after the chunk it
-            // was given.
             ctx.decode(batch).map_err(|e| self.decode_err(e))?;
-            out.settle();
-            if out.stop || job.cancel.is_cancelled() {
-                break FinishReason::Cancelled;
-            }
             pos += 1;
             steps += 1;
             logits_index = 0;
@@ -826,7 +836,6 @@ impl Worker {
                 out.emit(tail, None);
             }
         }
-        out.settle();
         let decode_ms = ms(prefill_done.elapsed());
         Ok(finish(out, reason, prefill_ms, decode_ms, steps))
     }
@@ -834,23 +843,29 @@ impl Worker {
 
 /// The generation so far, and the channel its chunks go out on.
 struct Output<'a> {
+    /// Send each chunk (else only keep it for the finished generation).
+    stream: bool,
     events: &'a mpsc::Sender<Event>,
     acks: &'a mpsc::Receiver<bool>,
     text: String,
     tokens: Vec<GeneratedToken>,
     /// The caller's callback asked to stop, or the caller went away.
     stop: bool,
-    /// A chunk was sent whose verdict has not been read yet.
-    unsettled: bool,
 }
 
 impl Output<'_> {
-    /// Sends a chunk to the caller; [`Output::settle`] reads its verdict.
-    /// At most one chunk is ever awaiting a verdict: a slow consumer slows
-    /// generation down (backpressure) instead of piling chunks up.
+    /// Hands a chunk to the caller and waits for the callback's verdict
+    /// (when streaming): a slow consumer slows generation down
+    /// (backpressure) instead of piling chunks up, a `Break` takes effect
+    /// before another token is generated, and on a two-core device the
+    /// consumer runs while the decoding threads wait rather than
+    /// preempting them mid-token.
     fn emit(&mut self, text: String, token: Option<GeneratedToken>) {
-        self.settle();
         self.text.push_str(&text);
+        if !self.stream {
+            self.tokens.extend(token);
+            return;
+        }
         if let Some(t) = &token {
             self.tokens.push(t.clone());
         }
@@ -858,16 +873,7 @@ impl Output<'_> {
             .events
             .send(Event::Chunk(StreamChunk { text, token }))
             .is_ok();
-        if delivered {
-            self.unsettled = true;
-        } else {
-            self.stop = true;
-        }
-    }
-
-    /// Waits for the verdict on the chunk last sent, if it is still out.
-    fn settle(&mut self) {
-        if std::mem::take(&mut self.unsettled) && self.acks.recv() != Ok(true) {
+        if !delivered || self.acks.recv() != Ok(true) {
             self.stop = true;
         }
     }
