@@ -52,8 +52,9 @@ pub(crate) enum BenchCommand {
     /// Every comparison runs in this one invocation, on the same GGUF, the
     /// same sentences and the same thread count, alternating Strata and the
     /// peer so that noise from other work on the machine hits both; each
-    /// number is the median over the rounds. Prints a table with Strata's
-    /// number, the peer's, their ratio and the target.
+    /// number is the median over the rounds, and the ratio the median of the
+    /// per-round ratios (each pair ran back to back). Prints a table with
+    /// Strata's number, the peer's, their ratio and the target.
     ///
     /// Needs the models (`scripts/fetch-assets`) and the peers
     /// (`scripts/build-peers`: llama-bench, llama-server and a Python venv).
@@ -150,7 +151,7 @@ pub(crate) struct RuntimeArgs {
     repeat: u32,
     /// Rounds: each round runs Strata and the peer one after the other
     /// (alternating who goes first); each reported number is the median
-    /// over the rounds.
+    /// over the rounds, each ratio the median of the rounds' ratios.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
     /// Sentences for the embedding benchmark, one a line [default: 256

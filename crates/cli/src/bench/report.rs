@@ -43,10 +43,16 @@ pub(crate) struct Line {
     target: Target,
     strata_samples: Vec<f64>,
     peer_samples: Vec<f64>,
+    ratio: Option<f64>,
 }
 
 impl Line {
     /// A line from the samples of each side; the numbers are their medians.
+    /// Samples of the two sides taken in pairs (the same count, sample `i`
+    /// of each from the same round, one right after the other) give the
+    /// median of the per-round ratios: on a machine whose speed drifts
+    /// between rounds, that compares each pair under the same conditions.
+    /// Otherwise the ratio is that of the medians.
     pub(crate) fn new(
         id: &'static str,
         what: String,
@@ -66,20 +72,33 @@ impl Line {
             target,
             strata_samples: strata_samples.to_vec(),
             peer_samples: peer_samples.to_vec(),
+            ratio: paired_ratio(strata_samples, peer_samples).or_else(|| {
+                match (median(strata_samples), median(peer_samples)) {
+                    (Some(s), Some(p)) if p > 0.0 => Some(s / p),
+                    _ => None,
+                }
+            }),
         }
     }
 
     /// Strata ÷ peer.
     fn ratio(&self) -> Option<f64> {
-        match (self.strata, self.peer) {
-            (Some(s), Some(p)) if p > 0.0 => Some(s / p),
-            _ => None,
-        }
+        self.ratio
     }
 
     fn met(&self) -> Option<bool> {
         self.ratio().map(|r| self.target.met(r))
     }
+}
+
+/// The median of `strata[i] / peer[i]`, for two or more pairs with
+/// positive peer samples.
+fn paired_ratio(strata: &[f64], peer: &[f64]) -> Option<f64> {
+    if strata.len() != peer.len() || strata.len() < 2 || peer.iter().any(|&p| p <= 0.0) {
+        return None;
+    }
+    let ratios: Vec<f64> = strata.iter().zip(peer).map(|(s, p)| s / p).collect();
+    median(&ratios)
 }
 
 /// Everything one run measured.
@@ -294,6 +313,23 @@ mod tests {
             ),
             (&[1.0], &[], Target::AtLeast(1.0), None, None),
             (&[1.0], &[0.0], Target::AtLeast(1.0), None, None),
+            // Paired rounds: the median of the per-round ratios (1.05,
+            // 0.6, 1.0345), not the ratio of the medians (100 / 100).
+            (
+                &[100.0, 60.0, 300.0],
+                &[95.0, 100.0, 290.0],
+                Target::AtLeast(1.0),
+                Some(300.0 / 290.0),
+                Some(true),
+            ),
+            // Unequal counts: the ratio of the medians.
+            (
+                &[100.0, 60.0, 300.0],
+                &[95.0, 100.0],
+                Target::AtLeast(1.0),
+                Some(100.0 / 97.5),
+                Some(true),
+            ),
         ];
         for (s, p, target, ratio, met) in cases {
             let line = Line::new("x", "x".into(), "u", s, "peer", p, *target);
