@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::kernels::{Linear, Shared2d, Team, for_rows, share};
+use super::kernels::{Floats, Linear, Shared2d, Team, for_rows, share};
 use crate::error::{Error, Result};
 
 /// The fields of a BERT `config.json` the encoder reads.
@@ -107,7 +107,7 @@ pub(crate) struct Encoder {
     max_positions: usize,
     vocab: usize,
     /// Token embeddings, `vocab × hidden`.
-    word: Table,
+    word: Floats,
     /// Position embeddings plus the embedding of token type 0, `max_positions × hidden`.
     position: Vec<f32>,
     norm: Norm,
@@ -127,11 +127,6 @@ struct Layer {
 struct Norm {
     gamma: Vec<f32>,
     beta: Vec<f32>,
-}
-
-enum Table {
-    F16(Vec<u16>),
-    F32(Vec<f32>),
 }
 
 /// Work buffers, kept between calls so that a call does not fault pages in.
@@ -166,9 +161,9 @@ impl Encoder {
                     table.extend(chunk.iter().map(|&v| half::f16::from_f32(v).to_bits()));
                 },
             )?;
-            Table::F16(table)
+            Floats::F16(table)
         } else {
-            Table::F32(file.read("embeddings.word_embeddings.weight", &[vocab, h])?)
+            Floats::F32(file.read("embeddings.word_embeddings.weight", &[vocab, h])?)
         };
         let mut read = Reader {
             file: &file,
@@ -249,10 +244,7 @@ impl Encoder {
 
     /// Bytes the weights take in memory.
     pub(crate) fn weight_bytes(&self) -> usize {
-        let table = match &self.word {
-            Table::F16(v) => v.len() * 2,
-            Table::F32(v) => v.len() * 4,
-        };
+        let table = self.word.bytes();
         let layers: usize = self
             .layers
             .iter()
@@ -318,15 +310,7 @@ impl Encoder {
         for_rows(team, x, total, h, &|first, out| {
             for (row, dst) in out.chunks_exact_mut(h).enumerate() {
                 let (id, pos) = rows[first + row];
-                let at = id as usize * h;
-                match &self.word {
-                    Table::F16(t) => {
-                        for (d, &b) in dst.iter_mut().zip(&t[at..at + h]) {
-                            *d = half::f16::from_bits(b).to_f32();
-                        }
-                    }
-                    Table::F32(t) => dst.copy_from_slice(&t[at..at + h]),
-                }
+                self.word.read(id as usize * h, dst);
                 for (d, p) in dst.iter_mut().zip(&self.position[pos * h..(pos + 1) * h]) {
                     *d += p;
                 }

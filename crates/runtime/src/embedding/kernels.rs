@@ -286,17 +286,40 @@ pub(crate) fn for_rows(
     });
 }
 
-/// Packed weights of one linear layer.
-enum Panels {
+/// Values held as half-precision (bit patterns) or single-precision floats.
+pub(crate) enum Floats {
     F16(Vec<u16>),
     F32(Vec<f32>),
+}
+
+impl Floats {
+    /// Bytes the values take.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Floats::F16(v) => v.len() * 2,
+            Floats::F32(v) => v.len() * 4,
+        }
+    }
+
+    /// Fills `out` with the values from index `at` on, as f32.
+    pub(crate) fn read(&self, at: usize, out: &mut [f32]) {
+        let end = at + out.len();
+        match self {
+            Floats::F16(v) => {
+                for (d, &bits) in out.iter_mut().zip(&v[at..end]) {
+                    *d = half::f16::from_bits(bits).to_f32();
+                }
+            }
+            Floats::F32(v) => out.copy_from_slice(&v[at..end]),
+        }
+    }
 }
 
 /// A linear layer `y = x·Wᵀ + b` with `W` packed in panels (module docs).
 pub(crate) struct Linear {
     k: usize,
     n: usize,
-    panels: Panels,
+    panels: Floats,
     /// `b`, zero-padded to whole panels.
     bias: Vec<f32>,
 }
@@ -319,7 +342,7 @@ impl Linear {
                     v.extend((0..NR).map(|c| half::f16::from_f32(value(p, j, c)).to_bits()));
                 }
             }
-            Panels::F16(v)
+            Floats::F16(v)
         } else {
             let mut v = Vec::with_capacity(count * k * NR);
             for j in 0..count {
@@ -327,7 +350,7 @@ impl Linear {
                     v.extend((0..NR).map(|c| value(p, j, c)));
                 }
             }
-            Panels::F32(v)
+            Floats::F32(v)
         };
         let mut padded = bias.to_vec();
         padded.resize(count * NR, 0.0);
@@ -346,11 +369,7 @@ impl Linear {
 
     /// Bytes the packed weights and bias take.
     pub(crate) fn bytes(&self) -> usize {
-        let w = match &self.panels {
-            Panels::F16(v) => v.len() * 2,
-            Panels::F32(v) => v.len() * 4,
-        };
-        w + self.bias.len() * 4
+        self.panels.bytes() + self.bias.len() * 4
     }
 
     /// `out = x·Wᵀ + b (+ residual)`, then GELU if `gelu`: `x` is `m × k`,
@@ -464,14 +483,7 @@ fn portable_tile(linear: &Linear, tile: &Tile<'_>, dst: Shared2d, row: usize) {
     let base = tile.panel * tile.k * NR;
     let mut w = [0f32; NR];
     for p in 0..tile.k {
-        match &linear.panels {
-            Panels::F16(v) => {
-                for (dst, &bits) in w.iter_mut().zip(&v[base + p * NR..base + (p + 1) * NR]) {
-                    *dst = half::f16::from_bits(bits).to_f32();
-                }
-            }
-            Panels::F32(v) => w.copy_from_slice(&v[base + p * NR..base + (p + 1) * NR]),
-        }
+        linear.panels.read(base + p * NR, &mut w);
         for (r, row) in acc.iter_mut().enumerate().take(tile.rows) {
             let a = tile.x[r * tile.k + p];
             for (s, &wv) in row.iter_mut().zip(&w) {
@@ -544,7 +556,7 @@ pub(crate) fn gelu(values: &mut [f32]) {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{ERF_ALPHA, ERF_BETA, Linear, MR, NR, Panels, Tile};
+    use super::{ERF_ALPHA, ERF_BETA, Floats, Linear, MR, NR, Tile};
 
     /// The tile for any row count up to [`MR`], stored from `dst` (row
     /// `0` of the tile, column `0` of its panel; row stride `tile.ld`).
@@ -605,7 +617,7 @@ mod avx512 {
             let mut acc0 = [b0; R];
             let mut acc1 = [b1; R];
             match &linear.panels {
-                Panels::F16(v) => {
+                Floats::F16(v) => {
                     assert!(v.len() >= (tile.panel + 1) * k * NR);
                     let w = v.as_ptr().add(tile.panel * k * NR);
                     for p in 0..k {
@@ -619,7 +631,7 @@ mod avx512 {
                         }
                     }
                 }
-                Panels::F32(v) => {
+                Floats::F32(v) => {
                     assert!(v.len() >= (tile.panel + 1) * k * NR);
                     let w = v.as_ptr().add(tile.panel * k * NR);
                     for p in 0..k {
