@@ -50,7 +50,7 @@ pub const MAX_BATCH_LIMIT: usize = 256;
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Half-precision matrices (computed in single precision): half the
-    /// memory and faster; embeddings differ from `F32` by about 1e-4.
+    /// memory and faster; embeddings differ slightly from `F32`.
     #[default]
     F16,
     /// The checkpoint's own 32-bit floats.
@@ -165,7 +165,7 @@ impl Embedder {
             });
         }
         let loaded = if files.is_gguf() {
-            Self::load_llama(id, files, config)?
+            Self::load_llama(files)?
         } else {
             Self::load_native(id, files, config)?
         };
@@ -267,8 +267,7 @@ impl Embedder {
     }
 
     /// Loads a GGUF `bert` file into llama.cpp.
-    fn load_llama(id: &str, files: &EmbeddingFiles, config: &EmbeddingConfig) -> Result<Loaded> {
-        let _ = (id, config);
+    fn load_llama(files: &EmbeddingFiles) -> Result<Loaded> {
         let load_err = |reason: String| Error::LlamaLoad {
             path: files.weights.clone(),
             reason,
