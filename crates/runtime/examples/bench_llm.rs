@@ -1,15 +1,18 @@
 //! Prefill and decode speed of a GGUF model (greedy, one slot).
 //!
 //! ```text
-//! cargo run --release --example bench_llm [-- MODEL.gguf [THREADS]]
+//! cargo run --release --example bench_llm [-- MODEL.gguf [THREADS [ENGINE]]]
 //! ```
 //!
 //! The model defaults to SmolLM2-135M Q4_1 under `$STRATA_ASSETS` (assets
-//! from `scripts/fetch-assets`); threads default to 2.
+//! from `scripts/fetch-assets`); threads default to 2; the engine (`auto`,
+//! `native` or `llama.cpp`) to `auto`.
 
 use std::path::PathBuf;
 
-use runtime::{ChatMessage, GenerationRequest, LlmConfig, LlmModel, Prompt, SamplingParams};
+use runtime::{
+    ChatMessage, GenerationRequest, LlmConfig, LlmEngine, LlmModel, Prompt, SamplingParams,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -26,11 +29,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let threads: u32 = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
+    let engine = match args.next().as_deref() {
+        None | Some("auto") => LlmEngine::Auto,
+        Some("native") => LlmEngine::Native,
+        Some("llama.cpp") => LlmEngine::LlamaCpp,
+        Some(other) => return Err(format!("unknown engine {other:?}").into()),
+    };
     let model = LlmModel::load(
         "bench",
         &path,
         &LlmConfig {
             threads,
+            engine,
             ..LlmConfig::default()
         },
     )?;
@@ -58,8 +68,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
         let mut usage = None;
-        for _ in 0..3 {
+        for i in 0..3 {
             let out = model.complete(&request)?;
+            if i == 0 {
+                let text: String = out.text.chars().take(160).collect();
+                println!("{name}: {text:?}");
+            }
             prefill.push(out.timings.prefill_tokens_per_s);
             decode.push(out.timings.decode_tokens_per_s);
             usage = Some(out.usage);

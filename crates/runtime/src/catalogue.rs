@@ -44,7 +44,7 @@ use crate::backend::{ModelBackend, ModelKind};
 use crate::classifier::EmbeddingClassifier;
 use crate::embedding::{Embedder, EmbeddingConfig, EmbeddingFiles, MAX_BATCH_LIMIT, Precision};
 use crate::error::{Error, Result};
-use crate::llm::{LlmConfig, LlmModel};
+use crate::llm::{LlmConfig, LlmEngine, LlmModel};
 
 /// The catalogue as written in configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -85,6 +85,12 @@ pub struct RawModelEntry {
     /// are held in, `f16` (default; half the memory, faster) or `f32`.
     #[serde(default)]
     pub precision: Option<Precision>,
+    /// LLMs: the engine that evaluates the model: `auto` (default: Strata's
+    /// native engine for llama-architecture Q4_1/Q8_0 files on CPUs with
+    /// AVX-512 VNNI, llama.cpp for everything else), `native` or
+    /// `llama.cpp`.
+    #[serde(default)]
+    pub engine: Option<LlmEngine>,
     /// LLMs: context length in tokens, prompt plus completion (default
     /// 2048, capped at the model's training length). Embedding models:
     /// truncation length in tokens (default: the model's maximum).
@@ -236,6 +242,7 @@ impl RawCatalogue {
                         context_length: raw.context_length.unwrap_or(d.context_length),
                         slots: raw.slots.unwrap_or(d.slots),
                         batch_size: d.batch_size,
+                        engine: raw.engine.unwrap_or(d.engine),
                     };
                     if config.threads == 0 || config.slots == 0 || config.context_length == 0 {
                         return Err(err(
@@ -248,6 +255,7 @@ impl RawCatalogue {
                     }
                 }
                 ModelKind::Embedding => {
+                    not_for("engine", raw.engine.is_some())?;
                     not_for("slots", raw.slots.is_some())?;
                     not_for("embedding_model", raw.embedding_model.is_some())?;
                     not_for("n_features/n_trees/height/window_size/seed", anomaly_fields)?;
@@ -293,6 +301,7 @@ impl RawCatalogue {
                     }
                 }
                 ModelKind::Classifier => {
+                    not_for("engine", raw.engine.is_some())?;
                     not_for("threads", raw.threads.is_some())?;
                     not_for("slots", raw.slots.is_some())?;
                     not_for("context_length", raw.context_length.is_some())?;
@@ -319,6 +328,7 @@ impl RawCatalogue {
                     }
                 }
                 ModelKind::Anomaly => {
+                    not_for("engine", raw.engine.is_some())?;
                     not_for("path", raw.path.is_some())?;
                     not_for("precision", raw.precision.is_some())?;
                     not_for("threads", raw.threads.is_some())?;

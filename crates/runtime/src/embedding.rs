@@ -20,7 +20,7 @@
 //! owns its context (a context is not safe to share between threads).
 
 mod encoder;
-mod kernels;
+pub(crate) mod kernels;
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};

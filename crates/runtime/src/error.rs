@@ -70,6 +70,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// Strata's native LLM engine cannot run a model it was asked to run.
+    #[error("the native engine cannot load {path}: {reason}")]
+    NativeLoad {
+        /// The model file.
+        path: PathBuf,
+        /// Why not.
+        reason: String,
+    },
+
     /// The prompt does not fit in the model's context window.
     #[error(
         "prompt has {prompt_tokens} tokens but the context holds {context_length} (at least one must be left to generate)"

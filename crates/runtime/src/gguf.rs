@@ -66,6 +66,16 @@ impl MetaValue {
         }
     }
 
+    /// The value as a float, if it is a number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetaValue::Float(v) => Some(v),
+            MetaValue::Uint(v) => Some(v as f64),
+            MetaValue::Int(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+
     /// The value as a string, if it is a kept string.
     pub fn as_str(&self) -> Option<&str> {
         match self {
@@ -92,6 +102,23 @@ pub struct GgufSummary {
     pub needed_bytes: u64,
     /// The size of the file.
     pub file_bytes: u64,
+    /// The tensor descriptors, in file order.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// Where one tensor is and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The tensor's name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dimensions, innermost (contiguous) first, as ggml counts them.
+    pub dims: Vec<u64>,
+    /// The ggml type id (0 F32, 3 Q4_1, 8 Q8_0, ...).
+    pub ggml_type: u32,
+    /// Offset of the data from the start of the file.
+    pub offset_bytes: u64,
+    /// Bytes of data (0 for a type this reader does not know).
+    pub size_bytes: u64,
 }
 
 impl GgufSummary {
@@ -187,6 +214,7 @@ pub(crate) fn parse<R: Read>(reader: R, file_bytes: u64, path: &Path) -> Result<
     };
 
     let mut tensor_ends = Vec::new();
+    let mut tensors = Vec::new();
     let mut parameter_count: u64 = 0;
     for _ in 0..tensor_count {
         let name = r.string()?.unwrap_or_default();
@@ -196,8 +224,10 @@ pub(crate) fn parse<R: Read>(reader: R, file_bytes: u64, path: &Path) -> Result<
         }
         let mut elements: u64 = 1;
         let mut first_dim = 0;
+        let mut dims = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
             let dim = r.u64()?;
+            dims.push(dim);
             if d == 0 {
                 first_dim = dim;
             }
@@ -226,6 +256,13 @@ pub(crate) fn parse<R: Read>(reader: R, file_bytes: u64, path: &Path) -> Result<
             .checked_add(size)
             .ok_or_else(|| r.invalid(format!("tensor {name} data end overflows")))?;
         tensor_ends.push(end);
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset_bytes: offset,
+            size_bytes: size,
+        });
         parameter_count = parameter_count.saturating_add(elements);
     }
 
@@ -244,6 +281,10 @@ pub(crate) fn parse<R: Read>(reader: R, file_bytes: u64, path: &Path) -> Result<
         });
     }
 
+    for t in &mut tensors {
+        // Offsets in the descriptors count from the data section.
+        t.offset_bytes = t.offset_bytes.saturating_add(data_offset_bytes);
+    }
     Ok(GgufSummary {
         version,
         tensor_count,
@@ -252,6 +293,7 @@ pub(crate) fn parse<R: Read>(reader: R, file_bytes: u64, path: &Path) -> Result<
         data_offset_bytes,
         needed_bytes,
         file_bytes,
+        tensors,
     })
 }
 

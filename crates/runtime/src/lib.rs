@@ -34,5 +34,6 @@ pub use embedding::{Embedder, EmbeddingConfig, EmbeddingFiles};
 pub use error::{Error, Result};
 pub use llm::{
     CancelToken, ChatMessage, FinishReason, GeneratedToken, Generation, GenerationRequest,
-    LlmConfig, LlmModel, Prompt, SamplingParams, StreamChunk, Timings, TokenLogprob, Usage,
+    LlmConfig, LlmEngine, LlmModel, Prompt, SamplingParams, StreamChunk, Timings, TokenLogprob,
+    Usage,
 };

@@ -16,6 +16,8 @@
 //! Sampling, stop sequences and log-probabilities are done in Rust on the
 //! logits llama.cpp returns (see [`SamplingParams`]).
 
+mod native;
+mod qkernels;
 mod sampling;
 mod text;
 
@@ -56,9 +58,28 @@ pub struct LlmConfig {
     /// Number of requests served at once, each with its own context
     /// (KV cache). Default 1.
     pub slots: u32,
-    /// Largest number of prompt tokens evaluated in one llama.cpp batch.
+    /// Largest number of prompt tokens evaluated in one batch.
     /// Default 512.
     pub batch_size: u32,
+    /// Which engine evaluates the model. Default [`LlmEngine::Auto`].
+    pub engine: LlmEngine,
+}
+
+/// The engine that evaluates a GGUF model's tokens (tokenisation and chat
+/// templates are llama.cpp's whichever runs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmEngine {
+    /// The native engine when it runs the file (a llama-architecture model
+    /// with Q4_1 or Q8_0 matrices, on a CPU with AVX-512 VNNI), else
+    /// llama.cpp.
+    #[default]
+    Auto,
+    /// Always llama.cpp.
+    #[serde(rename = "llama.cpp", alias = "llama_cpp")]
+    LlamaCpp,
+    /// Always the native engine; loading fails if it cannot run the file.
+    Native,
 }
 
 impl Default for LlmConfig {
@@ -68,6 +89,7 @@ impl Default for LlmConfig {
             context_length: 2048,
             slots: 1,
             batch_size: 512,
+            engine: LlmEngine::Auto,
         }
     }
 }
@@ -376,12 +398,33 @@ impl LlmModel {
             path: path.to_path_buf(),
             reason,
         };
+        let native = match (config.engine, native::unsupported(&summary)) {
+            (LlmEngine::LlamaCpp, _) | (LlmEngine::Auto, Some(_)) => None,
+            (_, None) => Some(Arc::new(native::NativeModel::load(path, &summary)?)),
+            (LlmEngine::Native, Some(why)) => {
+                return Err(Error::NativeLoad {
+                    path: path.to_path_buf(),
+                    reason: format!("it does not run {why}"),
+                });
+            }
+        };
         let backend = backend().map_err(load_err)?;
-        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+        // With the native engine, llama.cpp only tokenises: it reads the
+        // vocabulary and none of the weights.
+        let params = LlamaModelParams::default().with_vocab_only(native.is_some());
+        let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| load_err(e.to_string()))?;
         let model = Arc::new(model);
 
-        let trained = model.n_ctx_train().max(1);
+        // A vocabulary-only load does not read the training context length.
+        let trained = match &native {
+            Some(_) => summary
+                .context_length()
+                .and_then(|c| u32::try_from(c).ok())
+                .unwrap_or(u32::MAX),
+            None => model.n_ctx_train(),
+        }
+        .max(1);
         let context_length = config.context_length.clamp(1, trained);
         let batch_size = config.batch_size.min(context_length);
         let template = model.chat_template(None).ok();
@@ -394,6 +437,7 @@ impl LlmModel {
             let worker = Worker {
                 model_id: id.to_owned(),
                 model: Arc::clone(&model),
+                native: native.clone(),
                 jobs: Arc::clone(&jobs_rx),
                 batch_size: batch_size as usize,
                 context_length: context_length as usize,
@@ -419,12 +463,18 @@ impl LlmModel {
             path: Some(path.to_path_buf()),
             name: summary.name().map(str::to_owned),
             architecture: summary.architecture().unwrap_or("unknown").to_owned(),
-            parameter_count: Some(model.n_params()),
+            parameter_count: Some(summary.parameter_count),
             size_bytes: Some(summary.file_bytes),
             context_length: Some(context_length as usize),
             output_dim: Some(vocab_size),
         };
-        tracing::info!(model = id, path = %path.display(), context_length, slots = config.slots, "loaded llm");
+        let engine = if native.is_some() {
+            "native"
+        } else {
+            "llama.cpp"
+        };
+        let packed_bytes = native.as_ref().map_or(0, |n| n.bytes());
+        tracing::info!(model = id, path = %path.display(), context_length, slots = config.slots, engine, packed_bytes, "loaded llm");
         Ok(LlmModel {
             info,
             model,
@@ -653,6 +703,8 @@ impl ModelBackend for LlmModel {
 struct Worker {
     model_id: String,
     model: Arc<LlamaModel>,
+    /// The packed weights, when the native engine runs the model.
+    native: Option<Arc<native::NativeModel>>,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     batch_size: usize,
     context_length: usize,
@@ -666,18 +718,42 @@ impl Worker {
         threads: i32,
         ready: mpsc::Sender<Result<(), String>>,
     ) {
-        let batch_size = u32::try_from(self.batch_size).unwrap_or(u32::MAX);
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(context_length))
-            .with_n_batch(batch_size)
-            .with_n_ubatch(batch_size)
-            .with_n_seq_max(1)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
-        let Some(mut ctx) = new_context(&self.model, backend, params, &ready) else {
-            return;
+        let mut engine = match &self.native {
+            Some(native) => {
+                match native::Session::new(
+                    Arc::clone(native),
+                    threads.max(1) as usize,
+                    self.context_length,
+                ) {
+                    Ok(session) => {
+                        let _ = ready.send(Ok(()));
+                        Engine::Native(Box::new(session))
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("cannot start threads: {e}")));
+                        return;
+                    }
+                }
+            }
+            None => {
+                let batch_size = u32::try_from(self.batch_size).unwrap_or(u32::MAX);
+                let params = LlamaContextParams::default()
+                    .with_n_ctx(NonZeroU32::new(context_length))
+                    .with_n_batch(batch_size)
+                    .with_n_ubatch(batch_size)
+                    .with_n_seq_max(1)
+                    .with_n_threads(threads)
+                    .with_n_threads_batch(threads);
+                let Some(ctx) = new_context(&self.model, backend, params, &ready) else {
+                    return;
+                };
+                Engine::Llama {
+                    ctx,
+                    batch: LlamaBatch::new(self.batch_size, 1),
+                    logits_index: 0,
+                }
+            }
         };
-        let mut batch = LlamaBatch::new(self.batch_size, 1);
         loop {
             // The lock is held only while waiting for the next job; a
             // poisoned lock (a panic elsewhere) still holds a usable receiver.
@@ -689,7 +765,7 @@ impl Worker {
                 // The model was dropped: no more jobs will come.
                 return;
             };
-            let result = self.serve(&mut ctx, &mut batch, &job);
+            let result = self.serve(&mut engine, &job);
             let _ = job.events.send(Event::Done(result));
         }
     }
@@ -701,18 +777,13 @@ impl Worker {
         }
     }
 
-    fn serve(
-        &self,
-        ctx: &mut LlamaContext<'_>,
-        batch: &mut LlamaBatch,
-        job: &Job,
-    ) -> Result<Generation> {
+    fn serve(&self, engine: &mut Engine<'_>, job: &Job) -> Result<Generation> {
         let started = Instant::now();
         let queue_ms = ms(started - job.enqueued);
         let n_prompt = job.tokens.len();
         // llama.cpp may round the context up; the limit callers were told
         // (and prompts were checked against) is the configured one.
-        let n_ctx = (ctx.n_ctx() as usize).min(self.context_length);
+        let n_ctx = engine.n_ctx().min(self.context_length);
         let mut out = Output {
             stream: job.stream,
             events: &job.events,
@@ -749,21 +820,11 @@ impl Worker {
 
         // Prefill, in batches of at most `batch_size` tokens; only the last
         // prompt token needs logits.
-        // Forget the previous request's tokens. Only the cache's bookkeeping
-        // is reset: clearing its data too would write the whole cache (45
-        // MiB for SmolLM2 at 2048 tokens) before every prompt, and cells
-        // that hold no token are masked out anyway.
-        ctx.clear_kv_cache_seq(None, None, None)
-            .map_err(|e| self.decode_err(e))?;
+        engine.reset().map_err(|e| self.decode_err(e))?;
         for (c, chunk) in job.tokens.chunks(self.batch_size).enumerate() {
-            batch.clear();
-            for (j, &token) in chunk.iter().enumerate() {
-                let pos = c * self.batch_size + j;
-                batch
-                    .add(token, pos as i32, &[0], pos + 1 == n_prompt)
-                    .map_err(|e| self.decode_err(e))?;
-            }
-            ctx.decode(batch).map_err(|e| self.decode_err(e))?;
+            engine
+                .eval(chunk, c * self.batch_size)
+                .map_err(|e| self.decode_err(e))?;
             if job.cancel.is_cancelled() {
                 let prefill_ms = ms(started.elapsed());
                 return Ok(finish(out, FinishReason::Cancelled, prefill_ms, 0.0, 0));
@@ -775,11 +836,10 @@ impl Worker {
         let mut sampler = Sampler::new(job.sampling.clone());
         let mut utf8 = Utf8Stream::default();
         let mut stops = StopFilter::new(&job.stop);
-        let mut logits_index = batch.n_tokens() - 1;
         let mut pos = n_prompt;
         let mut steps = 0usize;
         let reason = loop {
-            let logits = ctx.get_logits_ith(logits_index);
+            let logits = engine.logits();
             let id = sampler.sample(logits);
             let lse = log_sum_exp(logits);
             let logprob = logits
@@ -820,14 +880,9 @@ impl Worker {
             if pos >= n_ctx {
                 break FinishReason::ContextFull;
             }
-            batch.clear();
-            batch
-                .add(token, pos as i32, &[0], true)
-                .map_err(|e| self.decode_err(e))?;
-            ctx.decode(batch).map_err(|e| self.decode_err(e))?;
+            engine.eval(&[token], pos).map_err(|e| self.decode_err(e))?;
             pos += 1;
             steps += 1;
-            logits_index = 0;
         };
         if !matches!(reason, FinishReason::StopSequence(_)) {
             let mut tail = stops.push(&utf8.finish()).text;
@@ -838,6 +893,82 @@ impl Worker {
         }
         let decode_ms = ms(prefill_done.elapsed());
         Ok(finish(out, reason, prefill_ms, decode_ms, steps))
+    }
+}
+
+/// What evaluates a worker's tokens.
+enum Engine<'m> {
+    Llama {
+        ctx: LlamaContext<'m>,
+        batch: LlamaBatch<'m>,
+        /// Index in the last batch of the token whose logits are wanted.
+        logits_index: i32,
+    },
+    Native(Box<native::Session>),
+}
+
+impl Engine<'_> {
+    /// Forgets the previous request's tokens.
+    fn reset(&mut self) -> std::result::Result<(), String> {
+        match self {
+            // Only the cache's bookkeeping is reset: clearing its data too
+            // would write the whole cache (45 MiB for SmolLM2 at 2048
+            // tokens) before every prompt, and cells that hold no token
+            // are masked out anyway.
+            Engine::Llama { ctx, .. } => ctx
+                .clear_kv_cache_seq(None, None, None)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Engine::Native(s) => {
+                s.reset();
+                Ok(())
+            }
+        }
+    }
+
+    /// The positions a request can use.
+    fn n_ctx(&self) -> usize {
+        match self {
+            Engine::Llama { ctx, .. } => ctx.n_ctx() as usize,
+            Engine::Native(_) => usize::MAX,
+        }
+    }
+
+    /// Evaluates `tokens` at positions `pos..`, keeping the logits of the
+    /// last one.
+    fn eval(&mut self, tokens: &[LlamaToken], pos: usize) -> std::result::Result<(), String> {
+        match self {
+            Engine::Llama {
+                ctx,
+                batch,
+                logits_index,
+            } => {
+                batch.clear();
+                for (j, &token) in tokens.iter().enumerate() {
+                    batch
+                        .add(token, (pos + j) as i32, &[0], j + 1 == tokens.len())
+                        .map_err(|e| e.to_string())?;
+                }
+                ctx.decode(batch).map_err(|e| e.to_string())?;
+                *logits_index = batch.n_tokens() - 1;
+                Ok(())
+            }
+            Engine::Native(s) => {
+                debug_assert_eq!(s.past(), pos, "positions are evaluated in order");
+                let ids: Vec<u32> = tokens.iter().map(|t| t.0 as u32).collect();
+                s.eval(&ids)
+            }
+        }
+    }
+
+    /// The logits of the last token evaluated.
+    fn logits(&self) -> &[f32] {
+        match self {
+            Engine::Llama {
+                ctx, logits_index, ..
+            } => ctx.get_logits_ith(*logits_index),
+            Engine::Native(s) => s.logits(),
+        }
     }
 }
 

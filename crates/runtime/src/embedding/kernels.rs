@@ -243,7 +243,7 @@ impl Shared2d {
 
     /// A pointer to row `row`, column `col`, from which `len` values of
     /// each of the `rows` rows `row..row + rows` are in bounds.
-    fn tile_ptr(self, row: usize, rows: usize, col: usize, len: usize) -> *mut f32 {
+    pub(crate) fn tile_ptr(self, row: usize, rows: usize, col: usize, len: usize) -> *mut f32 {
         assert!(
             row + rows <= self.rows && col + len <= self.cols,
             "tile out of range"

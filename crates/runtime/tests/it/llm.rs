@@ -3,8 +3,8 @@
 use std::ops::ControlFlow;
 
 use runtime::{
-    CancelToken, ChatMessage, Error, FinishReason, GenerationRequest, LlmConfig, LlmModel, Prompt,
-    SamplingParams,
+    CancelToken, ChatMessage, Error, FinishReason, GenerationRequest, LlmConfig, LlmEngine,
+    LlmModel, Prompt, SamplingParams,
 };
 
 use crate::assets;
@@ -48,6 +48,48 @@ fn smollm2_greedy_matches_reference_tokens() {
     eprintln!(
         "smollm2: prefill {:.0} tok/s, decode {:.0} tok/s",
         out.timings.prefill_tokens_per_s, out.timings.decode_tokens_per_s
+    );
+}
+
+#[test]
+fn both_engines_give_the_reference_answer() {
+    for engine in [LlmEngine::LlamaCpp, LlmEngine::Native] {
+        let config = LlmConfig {
+            engine,
+            ..LlmConfig::default()
+        };
+        let model = match LlmModel::load("engine", &assets::path(assets::SMOLLM2), &config) {
+            Ok(model) => model,
+            Err(e) if engine == LlmEngine::Native && e.to_string().contains("VNNI") => {
+                eprintln!("the native engine does not run on this CPU: {e}");
+                continue;
+            }
+            Err(e) => panic!("{engine:?} does not load SmolLM2: {e}"),
+        };
+        let out = model
+            .complete(&greedy(Prompt::Tokens(PROMPT.to_vec())))
+            .expect("generates");
+        let ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
+        assert_eq!(ids, ANSWER, "{engine:?}: text {:?}", out.text);
+        eprintln!(
+            "{engine:?}: prefill {:.0} tok/s, decode {:.0} tok/s",
+            out.timings.prefill_tokens_per_s, out.timings.decode_tokens_per_s
+        );
+    }
+}
+
+#[test]
+fn the_native_engine_names_what_it_cannot_run() {
+    // Qwen2.5 (qwen2 architecture, Q4_K matrices) is left to llama.cpp.
+    let config = LlmConfig {
+        engine: LlmEngine::Native,
+        ..LlmConfig::default()
+    };
+    let err = LlmModel::load("qwen", &assets::path(assets::QWEN), &config)
+        .expect_err("the native engine runs llama models only");
+    assert!(
+        err.to_string().contains("native engine cannot load"),
+        "{err}"
     );
 }
 
