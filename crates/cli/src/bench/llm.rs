@@ -81,7 +81,7 @@ fn worker_blocking(args: &WorkerArgs) -> anyhow::Result<String> {
         threads: args.threads,
         context_length: CONTEXT_LENGTH,
         slots: 1,
-        batch_size: 512,
+        ..LlmConfig::default()
     };
     let model = LlmModel::load("smollm2", &args.gguf, &config)
         .with_context(|| format!("loading {}", args.gguf.display()))?;
