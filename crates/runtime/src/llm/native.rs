@@ -690,11 +690,20 @@ mod tests {
 
     #[test]
     fn logits_follow_an_unquantised_forward_pass() {
-        let Some(dir) = std::env::var_os("STRATA_ASSETS") else {
-            eprintln!("STRATA_ASSETS is not set; skipped");
-            return;
-        };
-        let path = Path::new(&dir).join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        // The assets the integration tests read (scripts/fetch-assets).
+        let dir = std::env::var_os("STRATA_ASSETS")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|h| std::path::PathBuf::from(h).join(".cache/strata/assets"))
+            })
+            .expect("STRATA_ASSETS or HOME is set");
+        let path = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            path.exists(),
+            "{} is missing: run scripts/fetch-assets",
+            path.display()
+        );
         let summary = crate::gguf::inspect(&path).expect("gguf");
         if let Some(why) = unsupported(&summary) {
             eprintln!("native engine cannot run: {why}; skipped");
