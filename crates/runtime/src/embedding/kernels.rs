@@ -460,8 +460,9 @@ struct Tile<'a> {
     gelu: bool,
 }
 
-/// Whether the AVX-512 tile can run on this CPU.
-fn avx512_available() -> bool {
+/// Whether the AVX-512 tile can run on this CPU (AVX-512F with AVX2, FMA and
+/// F16C).
+pub(crate) fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")

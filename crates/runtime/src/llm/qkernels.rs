@@ -324,14 +324,14 @@ impl QActs {
     }
 }
 
-/// Whether the AVX-512 VNNI tile can run on this CPU.
+/// Whether the AVX-512 VNNI tile can run on this CPU: the encoder's
+/// AVX-512 features, byte operations and VNNI.
 pub(crate) fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
+        crate::embedding::kernels::avx512_available()
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vnni")
-            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
